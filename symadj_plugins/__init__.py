@@ -1,0 +1,14 @@
+"""symadj-plugins: exact, low-memory gradients for neural ODEs by the symplectic adjoint method
+(Matsubara, Miyatake & Yaguchi, NeurIPS 2021), as a plugin for torchdiffeq and torchdyn.
+
+- ``symadj_plugins.torchdiffeq.odeint_symplectic_adjoint(func, y0, t, ...)``: torchdiffeq's ``odeint``
+  signature, exact gradients of its discrete solution with memory of one network evaluation plus one stored
+  state per step.
+- ``symadj_plugins.register()``: afterwards ``torchdiffeq.odeint_adjoint(..., adjoint_method="symplectic")``
+  (and torchdyn's ``sensitivity="symplectic_adjoint"``) select it; ``unregister()`` undoes it.
+"""
+
+from ._registry import is_registered, register, unregister
+
+__version__ = "0.1.0"
+__all__ = ["register", "unregister", "is_registered", "__version__"]

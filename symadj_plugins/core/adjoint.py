@@ -1,0 +1,231 @@
+"""The symplectic adjoint: the exact reverse sweep of an explicit Runge–Kutta solve (DESIGN.md §2).
+
+This is the only module that holds the mathematics. It knows nothing of any host library: an adapter
+supplies a :class:`HostSolver` that runs the host's own forward solve, says where each stage is evaluated
+and how outputs between steps are produced. Everything here runs on whatever device the state lives on.
+
+For one accepted step ``n`` (tableau ``(A, b)``, step ``h``) and ``λ_{n+1} = ∂L/∂y_{n+1}``::
+
+    for i = s, ..., 1:
+        κ_i = h (b_i λ_{n+1} + Σ_{j>i} a_ji μ_j) + (cotangent of k_i from dense output / the next step)
+        μ_i, g_i = VJP of f at (T_i, Y_i) with cotangent κ_i;   ∂L/∂θ += g_i
+    λ_n = λ_{n+1} + Σ_i μ_i (+ cotangent of y_n from dense output)
+
+Only one graph of ``f`` is alive at a time; the stage inputs ``Y_i`` are recomputed without a graph from
+the stored ``y_n``. The step sizes are constants (not differentiated), as in the paper and diffrax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from .tableau import ButcherTableau
+from .trajectory import StageCall, Trajectory
+
+
+class HostSolver(Protocol):
+    """What an adapter provides for one solve. All tensors are in the host's normalised coordinates."""
+
+    tableau: ButcherTableau
+
+    def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
+        """Runs the host's forward solve (called under ``no_grad``); returns ``(solution, trajectory)``
+        with ``solution`` of shape ``(len(t), *y0.shape)``."""
+
+    def stage_calls(self, trajectory: Trajectory, n: int) -> Sequence[StageCall | None]:
+        """Where step ``n`` evaluates each of its ``s`` stages; ``None`` for a first stage whose value the
+        host carried over from the previous step (then ``trajectory.carried[n]`` holds it)."""
+
+    def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
+        """``f(t, y)`` as the host calls it, with the stage's extra keyword arguments."""
+
+    def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
+                     k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
+        """The host's value at ``t_out`` inside step ``n``, differentiable in ``y0``, ``y1`` and ``k``.
+
+        It must be linear in ``k`` (its vector–Jacobian product may not depend on the values of ``k``):
+        stages the sweep does not otherwise need are passed as zeros. It may evaluate ``f`` itself.
+        """
+
+
+def odeint_symplectic(host: HostSolver, y0: torch.Tensor, t: torch.Tensor,
+                      params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Solves with the host's solver; gradients w.r.t. ``y0``, ``t`` and ``params`` by the symplectic adjoint."""
+    return _SymplecticAdjointFunction.apply(host, y0, t, *params)
+
+
+class _SymplecticAdjointFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, host: HostSolver, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
+        solution, trajectory = host.solve(y0, t)
+        tensors, meta = trajectory.pack()
+        ctx.host = host
+        ctx.meta = meta
+        ctx.num_params = len(params)
+        # Saved through autograd so that the trajectory is freed with the graph (after backward unless
+        # retain_graph=True), and so that saved-tensor hooks see exactly what this method holds.
+        ctx.save_for_backward(t, solution, *params, *tensors)
+        return solution
+
+    @staticmethod
+    def backward(ctx, grad_solution: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "The symplectic adjoint does not support double backward (create_graph=True). "
+                "Use torchdiffeq.odeint (backprop through the solver) for higher-order derivatives.")
+        t, solution, *rest = ctx.saved_tensors
+        params, tensors = rest[:ctx.num_params], rest[ctx.num_params:]
+        trajectory = Trajectory.unpack(tensors, ctx.meta)
+        host: HostSolver = ctx.host
+
+        grad_y0, grad_params, lam_without_output0 = backward_sweep(host, trajectory, t, grad_solution, params)
+        grad_t = None
+        if ctx.needs_input_grad[2]:
+            grad_t = time_gradient(host, t, solution, grad_solution, lam_without_output0)
+        return (None, grad_y0, grad_t, *grad_params)
+
+
+def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, grad_solution: torch.Tensor,
+                   params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Runs the reverse sweep over all accepted steps.
+
+    Args:
+        grad_solution: ``(len(t), *state_shape)`` cotangent of the returned solution.
+    Returns:
+        ``(∂L/∂y_0, [∂L/∂θ], λ_0 without the direct cotangent of output 0)``.
+    """
+    tableau = host.tableau
+    s = tableau.num_stages
+    y_init = trajectory.states[0]
+    shape, dtype, device = y_init.shape, y_init.dtype, y_init.device
+    numel = y_init.numel()
+    a_matrix, b_vector = tableau.tensors(dtype, device)
+    params = tuple(params)
+
+    lam = torch.zeros(numel, dtype=dtype, device=device)
+    grad_params = [torch.zeros_like(p) for p in params]
+    stage_values = torch.zeros(s, numel, dtype=dtype, device=device)   # k_i, recomputed without graph
+    stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i
+    mu = torch.zeros(s, numel, dtype=dtype, device=device)             # ∂L/∂Y_i
+    carry_cotangent = None  # cotangent of the next step's first stage, when the host carried it from here
+
+    for n in reversed(range(trajectory.num_steps)):
+        y0 = trajectory.states[n].reshape(-1)
+        h = trajectory.dt[n].to(dtype)
+        ha, hb = h * a_matrix, h * b_vector
+        calls = host.stage_calls(trajectory, n)
+        first_is_carried = calls[0] is None
+        outputs = trajectory.outputs_in_step.get(n, ())
+
+        touched = [bool(outputs)] * s
+        touched[-1] = touched[-1] or carry_cotangent is not None
+        plan = tableau.backward_plan(tuple(touched))
+
+        # Recompute the stage inputs (and the stage values they need) without a graph.
+        stage_values.zero_()
+        for i in range(s):
+            if not (plan.vjp[i] or plan.value[i]):
+                continue
+            if i == 0:
+                stage_inputs[0].copy_(y0)
+            else:
+                torch.addmv(y0, stage_values[:i].T, ha[i, :i], out=stage_inputs[i])
+            if plan.value[i]:
+                if i == 0 and first_is_carried:
+                    stage_values[0].copy_(trajectory.carried[n].reshape(-1))
+                else:
+                    stage_values[i].copy_(host.vector_field(calls[i].t, stage_inputs[i].view(shape),
+                                                            calls[i].kwargs).reshape(-1))
+
+        # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages.
+        extra_kappa: list[torch.Tensor | None] = [None] * s
+        grad_y0_from_outputs = None
+        if carry_cotangent is not None:
+            extra_kappa[-1] = carry_cotangent
+        for j in outputs:
+            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, stage_values, shape, t[j],
+                                                grad_solution[j], params, grad_params)
+            lam = lam + g_y1
+            grad_y0_from_outputs = g_y0 if grad_y0_from_outputs is None else grad_y0_from_outputs + g_y0
+            for i, g in enumerate(g_k):
+                if g is not None:
+                    extra_kappa[i] = g if extra_kappa[i] is None else extra_kappa[i] + g
+
+        # The reverse stage sweep.
+        mu.zero_()
+        carry_cotangent = None
+        for i in reversed(range(s)):
+            if not plan.vjp[i]:
+                continue
+            kappa = hb[i] * lam
+            if i + 1 < s:
+                kappa = torch.addmv(kappa, mu[i + 1:].T, ha[i + 1:, i])
+            if extra_kappa[i] is not None:
+                kappa = kappa + extra_kappa[i]
+            if i == 0 and first_is_carried:
+                carry_cotangent = kappa
+                continue
+            mu[i] = _vjp(host, calls[i], stage_inputs[i].view(shape), kappa.view(shape), params, grad_params)
+        lam = lam + mu.sum(0)
+        if grad_y0_from_outputs is not None:
+            lam = lam + grad_y0_from_outputs
+
+    lam_without_output0 = lam.view(shape)
+    grad_y0 = lam_without_output0 + grad_solution[0]
+    return grad_y0, grad_params, lam_without_output0
+
+
+def _vjp(host: HostSolver, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,
+         params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]) -> torch.Tensor:
+    """``μ = κᵀ ∂f/∂y`` at one stage; adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of ``f``, freed on return."""
+    with torch.enable_grad():
+        y = y.detach().requires_grad_(True)
+        out = host.vector_field(call.t, y, call.kwargs)
+        if not out.requires_grad:  # f ignores both y and θ
+            return torch.zeros_like(y).reshape(-1)
+        grads = torch.autograd.grad(out, (y, *params), cotangent, allow_unused=True)
+    _accumulate(grad_params, grads[1:])
+    return torch.zeros_like(y).reshape(-1) if grads[0] is None else grads[0].reshape(-1)
+
+
+def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, stage_values: torch.Tensor,
+                      shape: torch.Size, t_out: torch.Tensor, cotangent: torch.Tensor,
+                      params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]):
+    """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``."""
+    with torch.enable_grad():
+        y0 = trajectory.states[n].detach().requires_grad_(True)
+        y1 = trajectory.states[n + 1].detach().requires_grad_(True)
+        k = [v.view(shape).detach().requires_grad_(True) for v in stage_values]
+        out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
+        grads = torch.autograd.grad(out, (y0, y1, *k, *params), cotangent, allow_unused=True)
+    g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
+    g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
+    _accumulate(grad_params, grads[2 + len(k):])
+    return g_y0.reshape(-1), g_y1.reshape(-1), g_k
+
+
+def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    for total, g in zip(totals, grads):
+        if g is not None:
+            total.add_(g)
+
+
+def time_gradient(host: HostSolver, t: torch.Tensor, solution: torch.Tensor, grad_solution: torch.Tensor,
+                  lam0: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂t``: ``g_kᵀ f(t_k, y(t_k))`` for outputs ``k ≥ 1`` and ``-λ_0ᵀ f(t_0, y_0)`` for the start.
+
+    The same formula as ``torchdiffeq.odeint_adjoint`` (the derivative of the exact flow; the discrete
+    solution's step sizes are not differentiated, so this is not the derivative of the discrete map).
+    """
+    with torch.no_grad():
+        grad_t = torch.zeros_like(t)
+        for k in range(1, len(t)):
+            f_k = host.vector_field(t[k], solution[k], ())
+            grad_t[k] = (f_k * grad_solution[k]).sum().to(t.dtype)
+        f_0 = host.vector_field(t[0], solution[0], ())
+        grad_t[0] = -(f_0 * lam0).sum().to(t.dtype)
+    return grad_t

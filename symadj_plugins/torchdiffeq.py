@@ -1,0 +1,373 @@
+"""torchdiffeq adapter: the symplectic adjoint behind torchdiffeq's own solvers.
+
+The forward pass is ``torchdiffeq``'s: its input normalisation (``_check_inputs``: tuple states, reversed
+time, perturbed times, norms, callbacks), its solver classes and tableaux, its step-size controller. We
+only listen to it (the official ``callback_accept_step`` / ``callback_step`` hooks) to record each accepted
+step, and replace the backward pass by the core's exact reverse sweep.
+
+Private torchdiffeq names this module depends on (each is exercised by ``tests/test_torchdiffeq_internals.py``
+so that an upstream change fails loudly and here):
+
+- ``torchdiffeq._impl.odeint.SOLVERS`` and ``torchdiffeq._impl.misc._check_inputs`` / ``_flat_to_shape`` /
+  ``Perturb``: the entry points ``torchdiffeq.odeint`` itself uses.
+- ``torchdiffeq._impl.adjoint.find_parameters``: the default ``adjoint_params``.
+- ``RKAdaptiveStepsizeODESolver``: ``.tableau`` (``alpha``, ``beta``, ``c_sol``), ``.rk_state`` (``y1``, ``f1``,
+  ``t1``) read at accepted steps, ``._interp_fit`` and ``interp._interp_evaluate`` for dense output.
+- ``FixedGridODESolver``: ``.perturb``, ``.interp``, ``._linear_interp``, ``._cubic_hermite_interp``, and the
+  stage times of ``Euler``, ``Midpoint``, ``RK4`` (3/8 rule), ``Heun2``, ``Heun3`` (``_FIXED_GRID`` below).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchdiffeq
+from torchdiffeq._impl import fixed_grid as _fixed_grid
+from torchdiffeq._impl.adjoint import find_parameters
+from torchdiffeq._impl.interp import _interp_evaluate
+from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+
+from .core import ButcherTableau, StageCall, Trajectory, odeint_symplectic
+
+__all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC"]
+
+SYMPLECTIC = "symplectic"
+"""The ``adjoint_method`` value that selects the symplectic adjoint in :func:`odeint_adjoint`."""
+
+_original_odeint_adjoint = torchdiffeq.odeint_adjoint
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fixed-grid solvers: torchdiffeq writes their steps out by hand, so their tableaux and stage times are
+# written here. A stage time is ``t0 + dt * c`` or, where torchdiffeq uses the grid point itself, ``"t1"``.
+# ``PREV`` marks a stage torchdiffeq perturbs to just before ``t1`` when ``perturb=True``; stage 1 is
+# always perturbed to just after ``t0`` then.
+
+@dataclass(frozen=True)
+class _FixedGridRule:
+    tableau: ButcherTableau
+    stage_times: tuple[float | str, ...]
+    perturb_prev: tuple[bool, ...]
+
+
+def _fixed(name, c, a_rows, b, stage_times, perturb_prev):
+    return _FixedGridRule(ButcherTableau.from_rows(c, a_rows, b, name=name), stage_times, perturb_prev)
+
+
+_FIXED_GRID: dict[type, _FixedGridRule] = {
+    _fixed_grid.Euler: _fixed("euler", [0.0], [], [1.0], (0.0,), (False,)),
+    _fixed_grid.Midpoint: _fixed("midpoint", [0.0, 0.5], [[0.5]], [0.0, 1.0], (0.0, 0.5), (False, False)),
+    # torchdiffeq's "rk4" is the 3/8 rule (rk4_alt_step_func).
+    _fixed_grid.RK4: _fixed("rk4", [0.0, 1 / 3, 2 / 3, 1.0], [[1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]],
+                            [1 / 8, 3 / 8, 3 / 8, 1 / 8], (0.0, 1 / 3, 2 / 3, "t1"), (False, False, False, True)),
+}
+if hasattr(_fixed_grid, "Heun2"):  # added in torchdiffeq 0.2.4
+    _FIXED_GRID[_fixed_grid.Heun2] = _fixed("heun2", [0.0, 1.0], [[1.0]], [0.5, 0.5], (0.0, 1.0), (False, True))
+if hasattr(_fixed_grid, "Heun3"):
+    _FIXED_GRID[_fixed_grid.Heun3] = _fixed("heun3", [0.0, 1 / 3, 2 / 3], [[1 / 3], [0.0, 2 / 3]],
+                                            [0.25, 0.0, 0.75], (0.0, 1 / 3, 2 / 3), (False, False, False))
+
+
+@functools.cache
+def _adaptive_tableau(solver_cls: type) -> ButcherTableau:
+    """The tableau of a torchdiffeq adaptive RK solver class: ``c = (0, *alpha)``, ``A`` from ``beta``,
+    ``b = c_sol``."""
+    tab = solver_cls.tableau
+    return ButcherTableau.from_rows([0.0, *tab.alpha.tolist()], [row.tolist() for row in tab.beta],
+                                    tab.c_sol.tolist(), name=solver_cls.__name__)
+
+
+def supported_methods() -> list[str]:
+    """Names in torchdiffeq's ``SOLVERS`` that the symplectic adjoint supports (explicit RK methods)."""
+    return [name for name, cls in SOLVERS.items()
+            if isinstance(cls, type) and (issubclass(cls, RKAdaptiveStepsizeODESolver) or cls in _FIXED_GRID)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# How step n's first stage was obtained in the forward pass.
+_START_INITIAL = "initial"    # f(t_0, y_0), no perturbation (torchdiffeq's _before_integrate)
+_START_FSAL = "fsal"          # previous step's last stage, which is f(t_n⁻, y_n): re-evaluated, bit-identical
+_START_JUMP = "jump"          # f(t_n⁺, y_n) re-evaluated after a jump_t discontinuity
+_START_CARRIED = "carried"    # previous step's last stage, not at y_n (fehlberg2, adaptive_heun): stored
+
+
+class _Recorder:
+    """Stands between a torchdiffeq solver and its (normalised) ``func`` and records accepted steps.
+
+    It forwards every call and every callback, so the solver and the user's callbacks see exactly what
+    they would see under ``torchdiffeq.odeint``.
+    """
+
+    def __init__(self, func: Callable, y0: torch.Tensor, adaptive: bool, carried_last_stage: bool):
+        self.func = func
+        self.y0 = y0
+        self.adaptive = adaptive
+        self.carried_last_stage = carried_last_stage
+        self.solver: Any = None
+        self.t0: list[torch.Tensor] = []
+        self.dt: list[torch.Tensor] = []
+        self.states: list[torch.Tensor] = []
+        self.starts: list[str] = []
+        self.carried: list[torch.Tensor | None] = []
+        self._jumped = False
+        self._checked = False
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor, perturb: Perturb = Perturb.NONE) -> torch.Tensor:
+        out = self.func(t, y, perturb=perturb)
+        if not self._checked:
+            _check_func_output(out, y)
+            self._checked = True
+        if perturb is Perturb.NEXT:
+            self._jumped = True
+        return out
+
+    def callback_step(self, t0, y0, dt):
+        if not self.adaptive:  # fixed grid: every step is accepted
+            self._record(t0, y0, dt, _START_INITIAL, None)
+        self.func.callback_step(t0, y0, dt)
+
+    def callback_accept_step(self, t0, y0, dt):
+        if self.adaptive:
+            carried = None
+            if not self.states:
+                start = _START_INITIAL
+            elif self._jumped:  # adaptive solvers call f with Perturb.NEXT only after a jump_t
+                start = _START_JUMP
+            elif self.carried_last_stage:
+                start, carried = _START_CARRIED, self.solver.rk_state.f1  # the k_1 this step used
+            else:
+                start = _START_FSAL
+            self._jumped = False
+            self._record(t0, y0, dt, start, carried)
+        self.func.callback_accept_step(t0, y0, dt)
+
+    def callback_reject_step(self, t0, y0, dt):
+        self.func.callback_reject_step(t0, y0, dt)
+
+    def _record(self, t0, y0, dt, start, carried):
+        self.t0.append(t0)
+        self.dt.append(dt)
+        self.states.append(y0)
+        self.starts.append(start)
+        self.carried.append(carried)
+
+
+def _check_func_output(out: Any, y: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"func(t, y) must return a Tensor (or a tuple matching a tuple y0), got {type(out).__name__}")
+    if out.shape != y.shape or out.dtype != y.dtype:
+        raise ValueError(
+            f"func(t, y) returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state has shape "
+            f"{tuple(y.shape)} and dtype {y.dtype} (flattened if y0 is a tuple); func must return dy/dt with "
+            "the same shape and dtype as y.")
+
+
+class _TorchdiffeqHost:
+    """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
+
+    def __init__(self, func: Callable, method: str, rtol, atol, options: dict):
+        self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
+        self.method = method
+        self.solver_cls = SOLVERS[method]
+        self.adaptive = issubclass(self.solver_cls, RKAdaptiveStepsizeODESolver)
+        if self.adaptive:
+            self.tableau = _adaptive_tableau(self.solver_cls)
+            self.fixed_rule = None
+        else:
+            self.fixed_rule = _FIXED_GRID[self.solver_cls]
+            self.tableau = self.fixed_rule.tableau
+        self.rtol, self.atol, self.options = rtol, atol, options
+        self.solver: Any = None
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
+        tab = self.tableau
+        # A last stage evaluated at (t_{n+1}⁻, y_{n+1}) can be re-evaluated; any other must be stored.
+        carried_last_stage = self.adaptive and not tab.fsal
+        recorder = _Recorder(self.func, y0, self.adaptive, carried_last_stage)
+        solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
+        recorder.solver = solver
+        solution = solver.integrate(t)
+
+        if self.adaptive:
+            final_t1, final_y = solver.rk_state.t1, solver.rk_state.y1
+            solver.rk_state = None  # drop the solver's own copies of the last step
+        else:
+            final_t1, final_y = t[-1], solution[-1]  # torchdiffeq's grid ends exactly at t[-1]
+        self.solver = solver
+
+        time_dtype = recorder.t0[0].dtype if recorder.t0 else t.dtype
+        if recorder.t0:
+            t0 = torch.stack(recorder.t0)
+            t1 = torch.cat([t0[1:], final_t1.reshape(1).to(time_dtype)])
+            dt = torch.stack([d.to(time_dtype) for d in recorder.dt])
+        else:
+            t0 = t1 = dt = torch.zeros(0, dtype=time_dtype, device=y0.device)
+        states = [*recorder.states, final_y] if recorder.states else [y0]
+
+        # Output k >= 1 is produced in the first accepted step that ends at or after t[k] (both the
+        # adaptive `while next_t > t1` loop and the fixed-grid `while t1 >= t[j]` loop do this).
+        step_of_output = torch.searchsorted(t1.cpu(), t[1:].detach().cpu().to(time_dtype), side="left").tolist()
+        outputs_in_step: dict[int, list[int]] = {}
+        for k, n in enumerate(step_of_output, start=1):
+            outputs_in_step.setdefault(n, []).append(k)
+
+        trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step)
+        trajectory.host_data["starts"] = recorder.starts
+        trajectory.host_data["stage_times"] = self._stage_times(t0, t1, dt, y0)
+        return solution, trajectory
+
+    def _stage_times(self, t0: torch.Tensor, t1: torch.Tensor, dt: torch.Tensor,
+                     y0: torch.Tensor) -> torch.Tensor:
+        """``(N, s)`` times at which torchdiffeq evaluated each stage, in the dtype it computed them in."""
+        if self.adaptive:
+            # _runge_kutta_step casts t0, dt, t1 to the state's real dtype and uses t1 where alpha == 1.
+            t_dtype = y0.abs().dtype
+            t0, dt, t1 = t0.to(t_dtype), dt.to(t_dtype), t1.to(t_dtype)
+            alpha = self.solver.tableau.alpha  # torchdiffeq's own copy, already in the state dtype
+            times = [t0] + [t1 if a == 1.0 else t0 + alpha[i] * dt for i, a in enumerate(self.tableau.c[1:])]
+        else:
+            times = [t1 if c == "t1" else t0 + dt * c for c in self.fixed_rule.stage_times]
+        return torch.stack(times, dim=-1) if len(t0) else torch.zeros(0, self.tableau.num_stages)
+
+    # -- backward -----------------------------------------------------------------------------------------
+    def stage_calls(self, trajectory: Trajectory, n: int) -> list[StageCall | None]:
+        times = trajectory.host_data["stage_times"][n]
+        calls: list[StageCall | None] = []
+        if self.adaptive:
+            start = trajectory.host_data["starts"][n]
+            first = {_START_INITIAL: Perturb.NONE, _START_FSAL: Perturb.PREV, _START_JUMP: Perturb.NEXT}.get(start)
+            calls.append(None if start == _START_CARRIED else StageCall(times[0], (("perturb", first),)))
+            for i, c in enumerate(self.tableau.c[1:], start=1):
+                calls.append(StageCall(times[i], (("perturb", Perturb.PREV if c == 1.0 else Perturb.NONE),)))
+        else:
+            perturb = bool(self.solver.perturb)
+            for i, prev in enumerate(self.fixed_rule.perturb_prev):
+                flag = Perturb.NONE
+                if perturb:
+                    flag = Perturb.NEXT if i == 0 else (Perturb.PREV if prev else Perturb.NONE)
+                calls.append(StageCall(times[i], (("perturb", flag),)))
+        return calls
+
+    def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
+        return self.func(t, y, **dict(kwargs))
+
+    def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
+                     k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
+        t0, t1, dt = trajectory.t0[n], trajectory.t1[n], trajectory.dt[n]
+        if self.adaptive:
+            coeffs = self.solver._interp_fit(y0, y1, torch.stack(list(k), dim=-1), dt)
+            return _interp_evaluate(coeffs, t0, t1, t_out.to(t0.dtype))
+        if self.solver.interp == "linear":
+            return self.solver._linear_interp(t0, t1, y0, y1, t_out)
+        if self.solver.interp == "cubic":
+            f1 = self.func(t1, y1)
+            return self.solver._cubic_hermite_interp(t0, y0, k[0], t1, y1, f1, t_out)
+        raise ValueError(f"Unknown interpolation method {self.solver.interp!r}; torchdiffeq supports "
+                         "'linear' and 'cubic'")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+
+def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *,
+                              rtol: float | torch.Tensor = 1e-7, atol: float | torch.Tensor = 1e-9,
+                              method: str | None = None, options: dict | None = None,
+                              event_fn: Callable | None = None,
+                              adjoint_params: Iterable[torch.Tensor] | None = None):
+    """``torchdiffeq.odeint`` with gradients by the symplectic adjoint method.
+
+    Same arguments and same returned values as ``torchdiffeq.odeint`` (the forward solve *is*
+    torchdiffeq's, bit for bit); ``adjoint_params`` as in ``torchdiffeq.odeint_adjoint`` (default: the
+    parameters of ``func``, which must then be an ``nn.Module``, that require grad).
+
+    Gradients w.r.t. ``y0`` and ``adjoint_params`` are exact for the discrete solution: they equal
+    backpropagation through the same accepted steps with the step sizes held constant, up to rounding.
+    Memory held between forward and backward is one state per accepted step; the backward pass holds one
+    graph of ``func`` at a time. If ``t.requires_grad``, ``∂L/∂t_k = g_kᵀ f(t_k, y(t_k))`` for ``k ≥ 1`` and
+    ``∂L/∂t_0 = -λ_0ᵀ f(t_0, y_0)`` (``g_k`` the cotangent of output ``k``, ``λ_0`` that of ``y0`` from later
+    outputs), the formula ``torchdiffeq.odeint_adjoint`` uses.
+
+    Supported methods: every explicit Runge–Kutta method of the installed torchdiffeq (see
+    :func:`supported_methods`). Not supported: ``event_fn``, double backward (``create_graph=True``).
+
+    Args:
+        func: ``f(t, y)``; ``t`` a scalar tensor, ``y`` shaped like ``y0`` (or a tuple like it).
+        y0: initial state, a tensor or a tuple of tensors.
+        t: 1-D tensor of output times, strictly increasing or strictly decreasing; ``t[0]`` is the start.
+    Returns:
+        ``(len(t), *y0.shape)`` tensor, or a tuple of such tensors for a tuple ``y0``.
+    """
+    if event_fn is not None:
+        raise NotImplementedError("event_fn is not supported by the symplectic adjoint yet; use "
+                                  "torchdiffeq.odeint or torchdiffeq.odeint_adjoint for event handling.")
+    _check_time(t)
+    method = "dopri5" if method is None else method
+    if method not in SOLVERS or method not in supported_methods():
+        raise ValueError(f"method={method!r} is not supported by the symplectic adjoint, which needs an explicit "
+                         f"Runge-Kutta method; supported: {', '.join(supported_methods())}.")
+    params = _adjoint_params(func, adjoint_params)
+
+    shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, _, _ = _check_inputs(
+        func, y0, t, rtol, atol, method, options, None, SOLVERS)
+    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options)
+    solution = odeint_symplectic(host, y0_flat, t_norm, params)
+    if shapes is not None:
+        solution = _flat_to_shape(solution, (len(t),), shapes)
+    return solution
+
+
+def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *,
+                   rtol: float | torch.Tensor = 1e-7, atol: float | torch.Tensor = 1e-9,
+                   method: str | None = None, options: dict | None = None, event_fn: Callable | None = None,
+                   adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
+                   adjoint_method: str | None = None, adjoint_options: dict | None = None,
+                   adjoint_params: Iterable[torch.Tensor] | None = None):
+    """Drop-in for ``torchdiffeq.odeint_adjoint`` that also accepts ``adjoint_method="symplectic"``.
+
+    Any other ``adjoint_method`` keeps torchdiffeq's meaning (the solver of the continuous adjoint ODE) and
+    the call goes to torchdiffeq unchanged. With ``"symplectic"`` the call goes to
+    :func:`odeint_symplectic_adjoint`; ``adjoint_rtol``, ``adjoint_atol`` and ``adjoint_options`` are then
+    accepted and ignored, because the symplectic adjoint solves no second ODE: it replays the forward
+    pass's own accepted steps exactly, so there is no backward tolerance to choose.
+    """
+    if adjoint_method == SYMPLECTIC:
+        return odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                                         event_fn=event_fn, adjoint_params=adjoint_params)
+    return _original_odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                                    event_fn=event_fn, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                                    adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                                    adjoint_params=adjoint_params)
+
+
+def _check_time(t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+    if not torch.is_floating_point(t):
+        raise TypeError(f"t must be a floating point tensor, got dtype {t.dtype}; e.g. torch.linspace(0, 1, 10)")
+    if t.ndim != 1 or len(t) == 0:
+        raise ValueError(f"t must be a non-empty 1-D tensor of times, got shape {tuple(t.shape)}")
+    if len(t) > 1:
+        diff = t[1:] - t[:-1]
+        if not ((diff > 0).all() or (diff < 0).all()):
+            raise ValueError("t must be strictly increasing or strictly decreasing (no repeated or "
+                             f"out-of-order times), got {t.detach().cpu().tolist()}")
+
+
+def _adjoint_params(func: Callable, adjoint_params: Iterable[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    if adjoint_params is None:
+        if not isinstance(func, torch.nn.Module):
+            raise ValueError("func must be an instance of nn.Module to find its parameters; alternatively pass "
+                             "them explicitly as `adjoint_params` (use adjoint_params=() if there are none).")
+        adjoint_params = find_parameters(func)
+    params = tuple(adjoint_params)
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"adjoint_params must be tensors, got {type(p).__name__}")
+    return tuple(p for p in params if p.requires_grad)
