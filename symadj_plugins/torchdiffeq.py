@@ -200,6 +200,9 @@ class _TorchdiffeqHost:
             solver.rk_state = None  # drop the solver's own copies of the last step
         else:
             final_t1, final_y = t[-1], solution[-1]  # torchdiffeq's grid ends exactly at t[-1]
+        # Keep the solver (its tableau copy, interpolation methods) but not the recorder's lists: the
+        # trajectory below is the only owner of the states, so autograd frees them after backward.
+        solver.func = self.func
         self.solver = solver
 
         time_dtype = recorder.t0[0].dtype if recorder.t0 else t.dtype

@@ -1,0 +1,90 @@
+"""Small problems and reference gradients shared by the torchdiffeq tests."""
+
+from __future__ import annotations
+
+import torch
+import torchdiffeq
+
+ADAPTIVE = ["dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"]
+FIXED = ["euler", "midpoint", "heun2", "heun3", "rk4"]
+
+
+class TimeDependentField(torch.nn.Module):
+    """``f(t, y) = tanh-MLP(y) · (1 + t) + 0.1 sin(3t)``: depends on time, so wrong stage times show."""
+
+    def __init__(self, dim: int = 3, width: int = 16, depth: int = 1):
+        super().__init__()
+        layers: list[torch.nn.Module] = [torch.nn.Linear(dim, width), torch.nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+        layers.append(torch.nn.Linear(width, dim))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, t, y):
+        return self.net(y) * (1 + t) + 0.1 * torch.sin(3 * t)
+
+
+class TupleField(torch.nn.Module):
+    """A field on a tuple state ``(x, v)`` of different shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.scale = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, t, state):
+        x, v = state
+        return torch.tanh(self.lin(x)) * v.mean() + t, -self.scale * v * x.sum()
+
+
+def detached_first_step(func, y0, t, **kwargs) -> float:
+    """The initial step torchdiffeq selects, as a constant (``_select_initial_step`` is differentiated by
+    ``torchdiffeq.odeint`` backprop, but step sizes are constants for the symplectic adjoint)."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.func = func
+
+        def forward(self, t_, y_):
+            return self.func(t_, y_)
+
+        def callback_step(self, t0, y0_, dt):
+            seen.append(float(dt))
+
+    with torch.no_grad():
+        torchdiffeq.odeint(Probe(), y0, t, **kwargs)
+    return seen[0]
+
+
+def reference_options(method, func, y0, t, rtol, atol, options):
+    """Options that make ``torchdiffeq.odeint`` backprop the exact reference: same accepted steps, step
+    sizes constant. Fixed grids need nothing; adaptive solvers get the first step as a constant."""
+    options = dict(options or {})
+    if method in ADAPTIVE and "first_step" not in options:
+        options["first_step"] = detached_first_step(func, y0, t, rtol=rtol, atol=atol, method=method,
+                                                    options=options)
+    return options
+
+
+def flat_grads(outputs, inputs):
+    grads = torch.autograd.grad(outputs, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def rel_error(got, want) -> float:
+    """Largest relative error over a list of tensors (norm-wise, guarded for zero references)."""
+    errs = []
+    for g, w in zip(got, want):
+        scale = w.norm().item()
+        errs.append((g - w).norm().item() / (scale if scale > 0 else 1.0))
+    return max(errs)
+
+
+def loss_of(solution):
+    """A loss that weights every output time differently (so each output's cotangent differs)."""
+    if isinstance(solution, tuple):
+        return sum(loss_of(s) for s in solution)
+    weights = torch.arange(1, solution.shape[0] + 1, dtype=solution.dtype, device=solution.device)
+    return (solution.pow(2).sum(dim=tuple(range(1, solution.ndim))) * weights).sum() + solution.sin().sum()

@@ -1,0 +1,118 @@
+"""Bad input gets a clear error that names the problem, before any state is touched."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from helpers import TimeDependentField
+
+from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    func = TimeDependentField().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    return func, y0, t
+
+
+@pytest.mark.parametrize("method", ["explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver",
+                                    "backward_euler", "not_a_method"])
+def test_unsupported_method_lists_supported(problem, method):
+    func, y0, t = problem
+    with pytest.raises(ValueError, match=r"not supported.*supported: dopri8, dopri5.*rk4"):
+        odeint_symplectic_adjoint(func, y0, t, method=method)
+
+
+def test_event_fn_not_implemented(problem):
+    func, y0, t = problem
+    with pytest.raises(NotImplementedError, match="event_fn"):
+        odeint_symplectic_adjoint(func, y0, t[:2], event_fn=lambda t, y: y.sum())
+
+
+@pytest.mark.parametrize("times", [[0.0, 0.5, 0.3], [0.0, 0.5, 0.5], [1.0, 0.5, 0.7]])
+def test_non_monotonic_t(problem, times):
+    func, y0, _ = problem
+    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+        odeint_symplectic_adjoint(func, y0, torch.tensor(times, dtype=torch.float64))
+
+
+def test_t_must_be_floating_1d_tensor(problem):
+    func, y0, _ = problem
+    with pytest.raises(TypeError, match="floating point"):
+        odeint_symplectic_adjoint(func, y0, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="1-D"):
+        odeint_symplectic_adjoint(func, y0, torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Tensor"):
+        odeint_symplectic_adjoint(func, y0, [0.0, 1.0])
+
+
+def test_func_returning_wrong_shape(problem):
+    _, y0, t = problem
+    with pytest.raises(ValueError, match=r"returned shape \(2, 2\).*state has shape \(2, 3\)"):
+        odeint_symplectic_adjoint(lambda t, y: y[:, :2], y0, t, adjoint_params=())
+
+
+def test_func_returning_wrong_dtype(problem):
+    _, y0, t = problem
+    with pytest.raises(ValueError, match="dtype torch.float32.*dtype torch.float64"):
+        odeint_symplectic_adjoint(lambda t, y: y.float(), y0, t, adjoint_params=())
+
+
+def test_plain_function_needs_adjoint_params(problem):
+    _, y0, t = problem
+    with pytest.raises(ValueError, match="adjoint_params"):
+        odeint_symplectic_adjoint(lambda t, y: -y, y0, t)
+
+
+def test_double_backward_is_refused(problem):
+    func, y0, t = problem
+    out = odeint_symplectic_adjoint(func, y0, t)
+    with pytest.raises(NotImplementedError, match="create_graph=True"):
+        torch.autograd.grad(out.sum(), y0, create_graph=True)
+
+
+def test_non_finite_state_raises_torchdiffeqs_error(problem):
+    func, y0, t = problem
+    bad = y0.detach().clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="non-finite|underflow"):
+        odeint_symplectic_adjoint(func, bad, t)
+
+
+def test_backward_twice_without_retain_graph_is_a_clear_error(problem):
+    func, y0, t = problem
+    loss = odeint_symplectic_adjoint(func, y0, t).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        loss.backward()
+
+
+def test_trajectory_is_freed_with_the_graph(problem):
+    func, y0, t = problem
+    seen = []
+    func.callback_accept_step = lambda t0, y, dt: seen.append(weakref.ref(y))
+    out = odeint_symplectic_adjoint(func, y0, t, method="dopri5")
+    del func.callback_accept_step
+    stored = [r for r in seen[1:]]  # states after y0 exist only inside the trajectory
+    assert stored and all(r() is not None for r in stored)
+    del out
+    gc.collect()
+    assert all(r() is None for r in stored), "the trajectory outlived the graph"
+
+
+def test_trajectory_is_freed_after_backward(problem):
+    func, y0, t = problem
+    seen = []
+    func.callback_accept_step = lambda t0, y, dt: seen.append(weakref.ref(y))
+    out = odeint_symplectic_adjoint(func, y0, t, method="dopri5")
+    del func.callback_accept_step
+    out.sum().backward()
+    gc.collect()
+    assert all(r() is None for r in seen[1:]), "saved states must be released by backward (retain_graph=False)"
+    assert out.grad_fn is not None

@@ -1,0 +1,96 @@
+"""Every private torchdiffeq name symadj_plugins.torchdiffeq depends on, checked in one place, so that an
+upstream change fails here with a clear message rather than as a wrong gradient elsewhere.
+
+The fixed-grid solvers are written out by hand in torchdiffeq; the adapter restates their tableaux and
+stage times. These tests replay one torchdiffeq step with a recording vector field and check that the
+adapter's tableau reproduces every stage input and the step, and that its stage times and perturbation
+flags are bit-for-bit torchdiffeq's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchdiffeq._impl.interp as interp
+import torchdiffeq._impl.misc as misc
+from torchdiffeq._impl.adjoint import find_parameters
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _RungeKuttaState
+from torchdiffeq._impl.solvers import FixedGridODESolver
+
+from symadj_plugins import torchdiffeq as adapter
+from symadj_plugins.core import Trajectory
+
+
+def test_private_names_exist():
+    for name in ("_check_inputs", "_flat_to_shape", "Perturb", "_PerturbFunc"):
+        assert hasattr(misc, name), f"torchdiffeq._impl.misc.{name} is gone"
+    assert callable(interp._interp_evaluate) and callable(find_parameters)
+    assert {"y1", "f1", "t1"} <= set(_RungeKuttaState._fields)
+    for attr in ("_interp_fit", "_adaptive_step", "_before_integrate"):
+        assert hasattr(RKAdaptiveStepsizeODESolver, attr)
+    for attr in ("tableau", "mid"):
+        assert hasattr(SOLVERS["dopri5"], attr)
+    for attr in ("_linear_interp", "_cubic_hermite_interp", "_step_func", "integrate"):
+        assert hasattr(FixedGridODESolver, attr)
+    assert {"alpha", "beta", "c_sol"} <= set(SOLVERS["dopri5"].tableau._fields)
+    for cls in adapter._FIXED_GRID:
+        assert SOLVERS.get(cls.__name__.lower(), cls) is cls
+
+
+class Recording(torch.nn.Module):
+    """A linear field that records every call torchdiffeq makes: (t, y, perturb)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        torch.manual_seed(3)
+        self.m = torch.randn(dim, dim, dtype=torch.float64) * 0.5
+        self.calls = []
+
+    def forward(self, t, y, perturb=misc.Perturb.NONE):
+        self.calls.append((t.clone(), y.clone(), perturb))
+        return y @ self.m.T + t
+
+
+@pytest.mark.parametrize("method", [m for m in adapter.supported_methods() if m in
+                                    ("euler", "midpoint", "rk4", "heun2", "heun3")])
+@pytest.mark.parametrize("perturb", [False, True])
+def test_fixed_grid_rule_matches_torchdiffeq_step(method, perturb):
+    cls = SOLVERS[method]
+    rule = adapter._FIXED_GRID[cls]
+    field = Recording(3)
+    y0 = torch.randn(3, dtype=torch.float64)
+    solver = cls(func=field, y0=y0, perturb=perturb, atol=1e-9)
+    t0, t1 = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.55, dtype=torch.float64)
+    dt = t1 - t0
+    dy, _ = solver._step_func(field, t0, dt, t1, y0)
+
+    s = rule.tableau.num_stages
+    assert len(field.calls) == s
+    host = adapter._TorchdiffeqHost(field, method, 1e-7, 1e-9, {"perturb": perturb})
+    host.solver = solver
+    traj = Trajectory([y0, y0 + dy], t0.reshape(1), t1.reshape(1), dt.reshape(1), [None], {})
+    traj.host_data["stage_times"] = host._stage_times(traj.t0, traj.t1, traj.dt, y0)
+    calls = host.stage_calls(traj, 0)
+    a, b = rule.tableau.tensors(torch.float64, "cpu")
+    recorded = list(field.calls)
+    ks = [field(t, y) for t, y, _ in recorded]
+    for i, ((t_i, y_i, p_i), call) in enumerate(zip(recorded, calls)):
+        assert torch.equal(call.t, t_i), f"{method} stage {i} time"
+        assert dict(call.kwargs)["perturb"] is p_i, f"{method} stage {i} perturb flag"
+        y_tab = y0 + dt * sum(a[i, j] * ks[j] for j in range(i)) if i else y0
+        assert torch.allclose(y_i, y_tab, rtol=1e-14, atol=1e-14), f"{method} stage {i} input"
+    assert torch.allclose(dy, dt * sum(b[i] * ks[i] for i in range(s)), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", [m for m in adapter.supported_methods()
+                                    if issubclass(SOLVERS[m], RKAdaptiveStepsizeODESolver)])
+def test_adaptive_tableau_is_torchdiffeqs(method):
+    tab = adapter._adaptive_tableau(SOLVERS[method])
+    host_tab = SOLVERS[method].tableau
+    assert tab.c[1:] == tuple(host_tab.alpha.tolist())
+    assert tab.b == tuple(host_tab.c_sol.tolist())
+    for i, row in enumerate(host_tab.beta, start=1):
+        assert tab.a[i][:i] == tuple(row.tolist())
+    # FSAL methods re-evaluate the carried stage; the others store it.
+    assert tab.fsal == (method in ("dopri5", "dopri8", "bosh3", "tsit5"))

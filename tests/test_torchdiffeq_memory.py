@@ -1,0 +1,118 @@
+"""Memory claims, measured with saved-tensor hooks (what autograd holds for backward):
+
+- between forward and backward the symplectic adjoint holds the trajectory, one state per accepted step,
+  and nothing that grows with the network;
+- during backward, at most one graph of ``func`` is alive at a time.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torchdiffeq
+from helpers import TimeDependentField
+
+from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+
+
+class _Box:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class SavedBytes:
+    """Counts bytes of tensors autograd saves while active, and how many of them are alive at once.
+
+    Tensors in ``exclude`` (parameters, inputs, outputs: alive anyway) are not counted.
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {x.untyped_storage().data_ptr() for x in exclude}
+        self.total = self.live = self.peak = 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def pack(self, tensor):
+        box = _Box(tensor)
+        if tensor.untyped_storage().data_ptr() not in self.exclude:
+            nbytes = tensor.numel() * tensor.element_size()
+            self.total += nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(box, self._free, nbytes)
+        return box
+
+    @staticmethod
+    def unpack(box):
+        return box.tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+STEPS = 20  # fixed grid: the same number of steps whatever the network
+
+
+def held_between_forward_and_backward(solve, width, depth):
+    torch.manual_seed(0)
+    func = TimeDependentField(dim=4, width=width, depth=depth).double()
+    y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    meter = SavedBytes(exclude=[*func.parameters(), y0, t])
+    with meter.hooks():
+        out = solve(func, y0, t)
+    return meter.total, y0.numel() * y0.element_size(), out
+
+
+def ours(func, y0, t):
+    return odeint_symplectic_adjoint(func, y0, t, method="rk4", options={"step_size": 1.0 / STEPS})
+
+
+def backprop(func, y0, t):
+    return torchdiffeq.odeint(func, y0, t, method="rk4", options={"step_size": 1.0 / STEPS})
+
+
+def test_held_memory_is_the_trajectory_and_does_not_grow_with_the_network():
+    base, state_bytes, out = held_between_forward_and_backward(ours, width=16, depth=1)
+    wider, _, _ = held_between_forward_and_backward(ours, width=64, depth=1)
+    deeper, _, _ = held_between_forward_and_backward(ours, width=16, depth=4)
+    assert base == wider == deeper
+    # (N + 1) states, the returned solution (saved for ∂L/∂t), and 3 scalars per step.
+    trajectory = (STEPS + 1) * state_bytes
+    solution = out.numel() * out.element_size()
+    assert trajectory <= base <= trajectory + solution + 3 * STEPS * 8 + 64
+
+
+def test_backprop_memory_grows_with_the_network_for_comparison():
+    base, _, _ = held_between_forward_and_backward(backprop, width=16, depth=1)
+    wider, _, _ = held_between_forward_and_backward(backprop, width=64, depth=1)
+    ours_base, _, _ = held_between_forward_and_backward(ours, width=16, depth=1)
+    assert wider > 3 * base and base > 4 * ours_base
+
+
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.1}), ("dopri5", {}),
+                                            ("rk4", {"step_size": 0.1, "interp": "cubic"})])
+def test_at_most_one_graph_of_func_alive_during_backward(method, options):
+    torch.manual_seed(0)
+    func = TimeDependentField(dim=4, width=32, depth=3).double()
+    y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.33, 1.0], dtype=torch.float64)
+
+    one_graph = SavedBytes(exclude=[*func.parameters()])
+    with one_graph.hooks():
+        func(t[0], y0.detach().requires_grad_())
+    assert one_graph.total > 0
+
+    out = odeint_symplectic_adjoint(func, y0, t, method=method, options=options)
+    meter = SavedBytes(exclude=[*func.parameters()])
+    with meter.hooks():
+        out.pow(2).sum().backward()
+    assert meter.total > 0, "the hooks must see the graphs built in backward"
+    # One graph of func, plus (cubic dense output) a few interpolation weights: far below two graphs.
+    slack = y0.numel() * y0.element_size()
+    assert meter.peak <= one_graph.total + slack, (meter.peak, one_graph.total)
