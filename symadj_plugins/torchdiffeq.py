@@ -104,7 +104,8 @@ class _Recorder:
     they would see under ``torchdiffeq.odeint``.
     """
 
-    def __init__(self, func: Callable, y0: torch.Tensor, adaptive: bool, carried_last_stage: bool):
+    def __init__(self, func: Callable, y0: torch.Tensor, adaptive: bool, carried_last_stage: bool,
+                 stages_to_keep: int = 0):
         self.func = func
         self.y0 = y0
         self.adaptive = adaptive
@@ -117,6 +118,11 @@ class _Recorder:
         self.carried: list[torch.Tensor | None] = []
         self._jumped = False
         self._checked = False
+        # Stage inputs of the step being attempted (kept only if stages_to_keep > 0): the first
+        # `stages_to_keep` calls after callback_step are the step's stages, in order.
+        self.stages_to_keep = stages_to_keep
+        self.stage_inputs: list[list[torch.Tensor]] = []
+        self._attempt: list[torch.Tensor] | None = None
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor, perturb: Perturb = Perturb.NONE) -> torch.Tensor:
         out = self.func(t, y, perturb=perturb)
@@ -125,9 +131,15 @@ class _Recorder:
             self._checked = True
         if perturb is Perturb.NEXT:
             self._jumped = True
+        if self._attempt is not None and len(self._attempt) < self.stages_to_keep:
+            self._attempt.append(y)
         return out
 
     def callback_step(self, t0, y0, dt):
+        if self.stages_to_keep:
+            # Adaptive steps start from the carried k_1 (stage 1 input: y0) and call f for stages 2..s;
+            # fixed-grid steps call f for every stage.
+            self._attempt = [y0] if self.adaptive else []
         if not self.adaptive:  # fixed grid: every step is accepted
             self._record(t0, y0, dt, _START_INITIAL, None)
         self.func.callback_step(t0, y0, dt)
@@ -151,6 +163,8 @@ class _Recorder:
         self.func.callback_reject_step(t0, y0, dt)
 
     def _record(self, t0, y0, dt, start, carried):
+        if self.stages_to_keep:
+            self.stage_inputs.append(self._attempt)
         self.t0.append(t0)
         self.dt.append(dt)
         self.states.append(y0)
@@ -171,8 +185,9 @@ def _check_func_output(out: Any, y: torch.Tensor) -> None:
 class _TorchdiffeqHost:
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
-    def __init__(self, func: Callable, method: str, rtol, atol, options: dict):
-        self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
+    def __init__(self, func: Callable, method: str, rtol, atol, options: dict, store_stages: bool = False):
+        self.func = func
+        self.store_stages = store_stages  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self.method = method
         self.solver_cls = SOLVERS[method]
         self.adaptive = issubclass(self.solver_cls, RKAdaptiveStepsizeODESolver)
@@ -190,7 +205,8 @@ class _TorchdiffeqHost:
         tab = self.tableau
         # A last stage evaluated at (t_{n+1}⁻, y_{n+1}) can be re-evaluated; any other must be stored.
         carried_last_stage = self.adaptive and not tab.fsal
-        recorder = _Recorder(self.func, y0, self.adaptive, carried_last_stage)
+        recorder = _Recorder(self.func, y0, self.adaptive, carried_last_stage,
+                             stages_to_keep=tab.num_stages if self.store_stages else 0)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
         solution = solver.integrate(t)
@@ -221,7 +237,13 @@ class _TorchdiffeqHost:
         for k, n in enumerate(step_of_output, start=1):
             outputs_in_step.setdefault(n, []).append(k)
 
-        trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step)
+        stage_inputs = None
+        if self.store_stages:
+            if any(len(inputs) != tab.num_stages for inputs in recorder.stage_inputs):
+                raise RuntimeError(f"torchdiffeq's {self.method} evaluated a different number of stages than its "
+                                   f"tableau has ({tab.num_stages}); please report this with your torchdiffeq version")
+            stage_inputs = [torch.stack(inputs) for inputs in recorder.stage_inputs]
+        trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step, stage_inputs=stage_inputs)
         trajectory.host_data["starts"] = recorder.starts
         trajectory.host_data["stage_times"] = self._stage_times(t0, t1, dt, y0)
         return solution, trajectory
@@ -283,7 +305,8 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
                               rtol: float | torch.Tensor = 1e-7, atol: float | torch.Tensor = 1e-9,
                               method: str | None = None, options: dict | None = None,
                               event_fn: Callable | None = None,
-                              adjoint_params: Iterable[torch.Tensor] | None = None):
+                              adjoint_params: Iterable[torch.Tensor] | None = None,
+                              store_stages: bool = False):
     """``torchdiffeq.odeint`` with gradients by the symplectic adjoint method.
 
     Same arguments and same returned values as ``torchdiffeq.odeint`` (the forward solve *is*
@@ -296,6 +319,10 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     graph of ``func`` at a time. If ``t.requires_grad``, ``∂L/∂t_k = g_kᵀ f(t_k, y(t_k))`` for ``k ≥ 1`` and
     ``∂L/∂t_0 = -λ_0ᵀ f(t_0, y_0)`` (``g_k`` the cotangent of output ``k``, ``λ_0`` that of ``y0`` from later
     outputs), the formula ``torchdiffeq.odeint_adjoint`` uses.
+
+    ``store_stages=True`` keeps the stage inputs of every accepted step from the forward pass (memory
+    ``N·s·|y|`` instead of ``N·|y|``) so that the backward pass need not recompute them: about one forward
+    pass faster. Still one graph of ``func`` at a time; the gradient is the same.
 
     Supported methods: every explicit Runge–Kutta method of the installed torchdiffeq (see
     :func:`supported_methods`). Not supported: ``event_fn``, double backward (``create_graph=True``).
@@ -319,7 +346,7 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, _, _ = _check_inputs(
         func, y0, t, rtol, atol, method, options, None, SOLVERS)
-    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options)
+    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, store_stages=store_stages)
     solution = odeint_symplectic(host, y0_flat, t_norm, params)
     if shapes is not None:
         solution = _flat_to_shape(solution, (len(t),), shapes)

@@ -27,7 +27,7 @@ def default_options(method):
     return {} if method in ADAPTIVE or method == "tsit5" else {"step_size": 0.1}
 
 
-def compare(method, func, y0, t, *, rtol=1e-6, atol=1e-7, options=None, dtype=torch.float64):
+def compare(method, func, y0, t, *, rtol=1e-6, atol=1e-7, options=None, dtype=torch.float64, store_stages=False):
     """Runs ours and the reference; checks forward equality and returns the gradient relative error."""
     options = default_options(method) if options is None else options
     params = [p for p in func.parameters()]
@@ -35,7 +35,8 @@ def compare(method, func, y0, t, *, rtol=1e-6, atol=1e-7, options=None, dtype=to
     ref_options = reference_options(method, func, y0, t, rtol, atol, options)
 
     want_sol = torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=ref_options)
-    got_sol = odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
+    got_sol = odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                                        store_stages=store_stages)
     want_sols = want_sol if isinstance(want_sol, tuple) else (want_sol,)
     got_sols = got_sol if isinstance(got_sol, tuple) else (got_sol,)
     for g, w in zip(got_sols, want_sols):
@@ -79,6 +80,17 @@ def test_gradient_equals_backprop_through_same_steps(method, scenario, dtype):
     t = torch.tensor(SCENARIOS[scenario]["t"], dtype=dtype)
     err = compare(method, func, y0, t, dtype=dtype)
     assert err <= TOL[dtype], f"{method}/{scenario}/{dtype}: relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("method", METHODS)
+def test_stored_stage_inputs_give_the_same_exact_gradient(method, scenario):
+    func, y0 = make(torch.float64)
+    t = torch.tensor(SCENARIOS[scenario]["t"], dtype=torch.float64)
+    assert compare(method, func, y0, t, store_stages=True) <= 1e-10
+    options = {"jump_t": torch.tensor([0.3], dtype=torch.float64)} if method in ADAPTIVE else {"step_size": 0.1,
+                                                                                              "interp": "cubic"}
+    assert compare(method, func, y0, t, options=options, store_stages=True) <= 1e-10
 
 
 @pytest.mark.parametrize("method", METHODS)

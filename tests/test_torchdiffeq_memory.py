@@ -88,6 +88,19 @@ def test_held_memory_is_the_trajectory_and_does_not_grow_with_the_network():
     assert trajectory <= base <= trajectory + solution + 3 * STEPS * 8 + 64
 
 
+def test_stored_stages_hold_s_states_per_step_and_still_nothing_from_the_network():
+    def stored(func, y0, t):
+        return odeint_symplectic_adjoint(func, y0, t, method="rk4", options={"step_size": 1.0 / STEPS},
+                                         store_stages=True)
+
+    base, state_bytes, out = held_between_forward_and_backward(stored, width=16, depth=1)
+    wider, _, _ = held_between_forward_and_backward(stored, width=64, depth=4)
+    assert base == wider
+    held = (STEPS + 1) * state_bytes + STEPS * 4 * state_bytes  # states + 4 stage inputs per rk4 step
+    solution = out.numel() * out.element_size()
+    assert held <= base <= held + solution + 3 * STEPS * 8 + 64
+
+
 def test_backprop_memory_grows_with_the_network_for_comparison():
     base, _, _ = held_between_forward_and_backward(backprop, width=16, depth=1)
     wider, _, _ = held_between_forward_and_backward(backprop, width=64, depth=1)

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from .tableau import ButcherTableau
+from .tableau import ButcherTableau, StagePlan
 from .trajectory import StageCall, Trajectory
 
 
@@ -125,21 +125,12 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
         touched[-1] = touched[-1] or carry_cotangent is not None
         plan = tableau.backward_plan(tuple(touched))
 
-        # Recompute the stage inputs (and the stage values they need) without a graph.
         stage_values.zero_()
-        for i in range(s):
-            if not (plan.vjp[i] or plan.value[i]):
-                continue
-            if i == 0:
-                stage_inputs[0].copy_(y0)
-            else:
-                torch.addmv(y0, stage_values[:i].T, ha[i, :i], out=stage_inputs[i])
-            if plan.value[i]:
-                if i == 0 and first_is_carried:
-                    stage_values[0].copy_(trajectory.carried[n].reshape(-1))
-                else:
-                    stage_values[i].copy_(host.vector_field(calls[i].t, stage_inputs[i].view(shape),
-                                                            calls[i].kwargs).reshape(-1))
+        if trajectory.stage_inputs is not None:  # the forward pass kept them
+            inputs = trajectory.stage_inputs[n].reshape(s, numel)
+        else:
+            inputs = _recompute_stage_inputs(host, calls, y0, ha, plan, trajectory.carried[n], stage_values,
+                                             stage_inputs, shape)
 
         # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages.
         extra_kappa: list[torch.Tensor | None] = [None] * s
@@ -169,7 +160,7 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
             if i == 0 and first_is_carried:
                 carry_cotangent = kappa
                 continue
-            mu[i] = _vjp(host, calls[i], stage_inputs[i].view(shape), kappa.view(shape), params, grad_params)
+            mu[i] = _vjp(host, calls[i], inputs[i].view(shape), kappa.view(shape), params, grad_params)
         lam = lam + mu.sum(0)
         if grad_y0_from_outputs is not None:
             lam = lam + grad_y0_from_outputs
@@ -177,6 +168,27 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
     lam_without_output0 = lam.view(shape)
     grad_y0 = lam_without_output0 + grad_solution[0]
     return grad_y0, grad_params, lam_without_output0
+
+
+def _recompute_stage_inputs(host: HostSolver, calls: Sequence[StageCall | None], y0: torch.Tensor,
+                            ha: torch.Tensor, plan: StagePlan, carried: torch.Tensor | None, stage_values: torch.Tensor,
+                            stage_inputs: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Replays one step without a graph: the stage inputs ``Y_i`` the sweep differentiates at, and the stage
+    values ``k_i`` they need (written into ``stage_values``). Returns ``stage_inputs`` (``(s, numel)``)."""
+    for i in range(len(calls)):
+        if not (plan.vjp[i] or plan.value[i]):
+            continue
+        if i == 0:
+            stage_inputs[0].copy_(y0)
+        else:
+            torch.addmv(y0, stage_values[:i].T, ha[i, :i], out=stage_inputs[i])
+        if plan.value[i]:
+            if i == 0 and calls[0] is None:
+                stage_values[0].copy_(carried.reshape(-1))
+            else:
+                stage_values[i].copy_(host.vector_field(calls[i].t, stage_inputs[i].view(shape),
+                                                        calls[i].kwargs).reshape(-1))
+    return stage_inputs
 
 
 def _vjp(host: HostSolver, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,

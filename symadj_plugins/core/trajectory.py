@@ -39,6 +39,9 @@ class Trajectory:
             that step (by dense output). Output 0 is ``y_0`` itself and belongs to no step.
         host_data: anything else the adapter wants back in the backward pass (host-side, no tensors
             that must be freed with the graph).
+        stage_inputs: optionally, per step, the ``(s, *state_shape)`` stage inputs ``Y_i`` the host's forward
+            pass evaluated ``f`` at. Holding them costs ``N·s·|y|`` instead of ``N·|y|`` and spares the
+            backward pass the recomputation of every step (backprop + 1 forward instead of + 2).
     """
 
     states: list[torch.Tensor]
@@ -48,6 +51,7 @@ class Trajectory:
     carried: list[torch.Tensor | None]
     outputs_in_step: dict[int, list[int]]
     host_data: dict = field(default_factory=dict)
+    stage_inputs: list[torch.Tensor] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -55,23 +59,26 @@ class Trajectory:
 
     def state_bytes(self) -> int:
         """Bytes of state-sized tensors held (states and carried stages)."""
-        tensors = [*self.states, *(c for c in self.carried if c is not None)]
+        tensors = [*self.states, *(c for c in self.carried if c is not None), *(self.stage_inputs or ())]
         return sum(x.numel() * x.element_size() for x in tensors)
 
     # The autograd Function keeps the tensors in ``ctx.save_for_backward`` so that PyTorch frees them
     # after backward (unless ``retain_graph=True``), exactly like the graph of backprop would be.
     def pack(self) -> tuple[list[torch.Tensor], tuple]:
         carried_at = [i for i, c in enumerate(self.carried) if c is not None]
-        tensors = [self.t0, self.t1, self.dt, *self.states, *(self.carried[i] for i in carried_at)]
-        meta = (len(self.states), carried_at, self.outputs_in_step, self.host_data)
+        stage_inputs = self.stage_inputs or []
+        tensors = [self.t0, self.t1, self.dt, *self.states, *(self.carried[i] for i in carried_at), *stage_inputs]
+        meta = (len(self.states), carried_at, self.outputs_in_step, self.host_data, self.stage_inputs is not None)
         return tensors, meta
 
     @classmethod
     def unpack(cls, tensors: Sequence[torch.Tensor], meta: tuple) -> Trajectory:
-        num_states, carried_at, outputs_in_step, host_data = meta
+        num_states, carried_at, outputs_in_step, host_data, has_stage_inputs = meta
         t0, t1, dt = tensors[:3]
         states = list(tensors[3:3 + num_states])
+        rest = tensors[3 + num_states:]
         carried: list[torch.Tensor | None] = [None] * (num_states - 1)
-        for i, value in zip(carried_at, tensors[3 + num_states:]):
+        for i, value in zip(carried_at, rest):
             carried[i] = value
-        return cls(states, t0, t1, dt, carried, outputs_in_step, host_data)
+        stage_inputs = list(rest[len(carried_at):]) if has_stage_inputs else None
+        return cls(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs)
