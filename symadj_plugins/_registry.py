@@ -60,6 +60,10 @@ def _register_torchdiffeq() -> list[tuple[object, str, object]]:
 
 
 class _StaleOdeintAdjoint:
+    @classmethod
+    def valid_callbacks(cls):  # torchdiffeq >= 0.2.4 asks the solver class for its callbacks before building it
+        cls()
+
     def __init__(self, *args, **kwargs):
         raise RuntimeError(
             "adjoint_method='symplectic' reached torchdiffeq's own odeint_adjoint, which solves the continuous "

@@ -74,6 +74,19 @@ if hasattr(_fixed_grid, "Heun3"):
                                             [0.25, 0.0, 0.75], (0.0, 1 / 3, 2 / 3), (False, False, False))
 
 
+def register_fixed_grid_solver(solver_cls: type, tableau: ButcherTableau, stage_times: Sequence[float | str],
+                               perturb_prev: Sequence[bool]) -> None:
+    """Teaches the symplectic adjoint a ``FixedGridODESolver`` subclass torchdiffeq does not ship: its tableau, where
+    its ``_step_func`` evaluates each stage (``t0 + dt * c`` or ``"t1"``), and which stages it perturbs to just
+    before ``t1`` when ``perturb=True``. torchdiffeq's ``SOLVERS`` is not touched: pass the class itself as
+    ``method`` to ``_TorchdiffeqHost``."""
+    if not (isinstance(solver_cls, type) and issubclass(solver_cls, _fixed_grid.FixedGridODESolver)):
+        raise TypeError(f"{solver_cls!r} is not a torchdiffeq FixedGridODESolver subclass")
+    if not (len(stage_times) == len(perturb_prev) == tableau.num_stages):
+        raise ValueError(f"{tableau.name}: one stage time and one perturb flag per stage ({tableau.num_stages})")
+    _FIXED_GRID[solver_cls] = _FixedGridRule(tableau, tuple(stage_times), tuple(perturb_prev))
+
+
 @functools.cache
 def _adaptive_tableau(solver_cls: type) -> ButcherTableau:
     """The tableau of a torchdiffeq adaptive RK solver class: ``c = (0, *alpha)``, ``A`` from ``beta``,
@@ -185,11 +198,12 @@ def _check_func_output(out: Any, y: torch.Tensor) -> None:
 class _TorchdiffeqHost:
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
-    def __init__(self, func: Callable, method: str, rtol, atol, options: dict, store_stages: bool = False):
-        self.func = func
-        self.store_stages = store_stages  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
-        self.method = method
-        self.solver_cls = SOLVERS[method]
+    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False):
+        self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
+        self.store_stages = store_stages
+        # A name in torchdiffeq's SOLVERS, or a solver class (see register_fixed_grid_solver).
+        self.solver_cls = SOLVERS[method] if isinstance(method, str) else method
+        self.method = method if isinstance(method, str) else self.solver_cls.__name__
         self.adaptive = issubclass(self.solver_cls, RKAdaptiveStepsizeODESolver)
         if self.adaptive:
             self.tableau = _adaptive_tableau(self.solver_cls)
@@ -210,6 +224,10 @@ class _TorchdiffeqHost:
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
         solution = solver.integrate(t)
+        if len(t) > 1 and not recorder.t0:
+            raise RuntimeError(f"torchdiffeq {torchdiffeq.__version__} did not report its steps through "
+                               "func.callback_step / callback_accept_step (added in torchdiffeq 0.2.4); "
+                               "symadj-plugins needs torchdiffeq>=0.2.4")
 
         if self.adaptive:
             final_t1, final_y = solver.rk_state.t1, solver.rk_state.y1

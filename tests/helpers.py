@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 import torchdiffeq
 
-ADAPTIVE = ["dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"]
-FIXED = ["euler", "midpoint", "heun2", "heun3", "rk4"]
+from symadj_plugins.torchdiffeq import supported_methods
+
+# Methods of the installed torchdiffeq (heun2 appeared in 0.2.5, heun3 in 0.2.4, tsit5 after 0.2.5).
+ADAPTIVE = [m for m in ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5") if m in supported_methods()]
+FIXED = [m for m in ("euler", "midpoint", "heun2", "heun3", "rk4") if m in supported_methods()]
 
 
 class TimeDependentField(torch.nn.Module):
