@@ -50,6 +50,10 @@ class HostSolver(Protocol):
         stages the sweep does not otherwise need are passed as zeros. It may evaluate ``f`` itself.
         """
 
+    # Optional: ``step_coefficients(trajectory, n) -> (h·A, h·b)``, shapes ``(s, s)`` and ``(s,)`` in the state
+    # dtype, for a host whose step forms the products ``h·a_ij`` differently from ``dt[n] * A`` (torchdyn rounds
+    # some of them to float32 for float64 states). Without it the sweep uses ``dt[n] * A`` and ``dt[n] * b``.
+
 
 def odeint_symplectic(host: HostSolver, y0: torch.Tensor, t: torch.Tensor,
                       params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -112,11 +116,15 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
     stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i
     mu = torch.zeros(s, numel, dtype=dtype, device=device)             # ∂L/∂Y_i
     carry_cotangent = None  # cotangent of the next step's first stage, when the host carried it from here
+    step_coefficients = getattr(host, "step_coefficients", None)
 
     for n in reversed(range(trajectory.num_steps)):
         y0 = trajectory.states[n].reshape(-1)
-        h = trajectory.dt[n].to(dtype)
-        ha, hb = h * a_matrix, h * b_vector
+        if step_coefficients is None:
+            h = trajectory.dt[n].to(dtype)
+            ha, hb = h * a_matrix, h * b_vector
+        else:
+            ha, hb = step_coefficients(trajectory, n)
         calls = host.stage_calls(trajectory, n)
         first_is_carried = calls[0] is None
         outputs = trajectory.outputs_in_step.get(n, ())

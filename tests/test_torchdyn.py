@@ -1,0 +1,461 @@
+"""torchdyn's ``sensitivity="symplectic_adjoint"``, checked against torchdyn itself.
+
+- The forward pass is torchdyn's: ``(t_eval, sol)`` equal ``sensitivity="autograd"``'s bit for bit.
+- Gradients equal backpropagation through the same accepted steps with the step sizes held constant: for
+  fixed-step solvers that is torchdyn's ``"autograd"``; for adaptive ones it is ``"autograd"`` with the one
+  step size torchdyn differentiates (the first, from ``init_step``) detached (``adapt_step`` is already under
+  ``no_grad`` in torchdyn 1.0.6). ``autograd_with_constant_steps`` below does that by patching ``init_step``
+  in the test only.
+- Every option of the issue, every bad input, registration, and torchdyn's internals the adapter relies on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchdyn.core import MultipleShootingLayer, NeuralODE, ODEProblem
+from torchdyn.core import problems as torchdyn_problems
+from torchdyn.numerics.interpolators import FourthOrder
+from torchdyn.numerics.solvers.ode import RungeKutta4
+
+import symadj_plugins
+from symadj_plugins import torchdyn as adapter
+
+torchdyn_odeint = importlib.import_module("torchdyn.numerics.odeint")
+
+SOLVERS = ["euler", "midpoint", "rk4", "dopri5", "tsit5"]
+ADAPTIVE = {"dopri5", "tsit5"}
+DTYPES = [torch.float32, torch.float64]
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+SOLVER_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # atol = rtol of adaptive solvers
+
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    symadj_plugins.register()
+    with warnings.catch_warnings():
+        # torchdyn's own: "Setting tolerances has no effect on fixed-step methods" and the like.
+        warnings.filterwarnings("ignore", message="Setting (tolerances|save_at) has no effect", category=UserWarning)
+        yield
+    symadj_plugins.unregister()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Problems and references
+
+class Field(nn.Module):
+    """``dx/dt = MLP(x)·(1 + t) + 0.1 sin(3t)``: depends on time, so a stage replayed at the wrong time shows."""
+
+    def __init__(self, dim: int = 2, width: int = 8, depth: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(dim, width), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, t, x, args=None):
+        return self.net(x) * (1 + t) + 0.1 * torch.sin(3 * t)
+
+
+def loss_of(sol: torch.Tensor) -> torch.Tensor:
+    """Weights every output time differently, so each output's cotangent differs."""
+    weights = torch.arange(1, sol.shape[0] + 1, dtype=sol.dtype)
+    return (sol.pow(2).sum(dim=tuple(range(1, sol.ndim))) * weights).sum() + sol.sin().sum()
+
+
+def relative_error(got, want) -> float:
+    return max(((g - w).norm() / (w.norm() if w.norm() > 0 else 1.0)).item() for g, w in zip(got, want))
+
+
+def grads(loss, inputs):
+    out = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(out, inputs)]
+
+
+def autograd_with_constant_steps(monkeypatch):
+    """Makes torchdyn's ``'autograd'`` backpropagate through its accepted steps with the step sizes constant."""
+    init_step = torchdyn_odeint.init_step
+    monkeypatch.setattr(torchdyn_odeint, "init_step", lambda *args, **kwargs: init_step(*args, **kwargs).detach())
+
+
+def assert_exact(error: float, dtype: torch.dtype, solver: str | None = None) -> None:
+    # float64 dopri5/tsit5 steps in which torchdyn rounded some dt * a_ij to float32 are exact too: the host
+    # hands the core the coefficients torchdyn really used (HostSolver.step_coefficients).
+    tolerance = TOLERANCE[dtype]
+    assert error <= tolerance, f"relative gradient error {error:.2e} > {tolerance:.0e}"
+
+
+def case_inputs(case: str, solver: str, dtype: torch.dtype) -> dict:
+    """``t_span`` and options of one column of the exactness table."""
+    fixed = solver not in ADAPTIVE
+    if case == "t_span":
+        return {"t_span": torch.linspace(0, 1, 5, dtype=dtype)}
+    if case == "save_at":
+        if fixed:  # outputs at some step ends only (neither the first nor the last)
+            t_span = torch.linspace(0, 1, 9, dtype=dtype)
+            return {"t_span": t_span, "save_at": t_span[[2, 5]]}
+        # adaptive solvers ignore save_at (torchdyn warns): outputs between steps come from t_span points,
+        # which torchdyn reaches by shortening steps
+        return {"t_span": torch.tensor([0.0, 0.13, 0.5, 0.77, 1.0], dtype=dtype)}
+    if case == "reversed":
+        return {"t_span": torch.linspace(1, 0, 5, dtype=dtype)}
+    if case == "interpolator_4th":  # dopri5 interpolates inside steps; torchdyn ignores it for the others
+        return {"t_span": torch.linspace(0, 1, 7, dtype=dtype), "interpolator": "4th"}
+    raise AssertionError(case)
+
+
+def solve(sensitivity, field, x, t_span, *, solver, interpolator=None, save_at=(), **options):
+    dtype = x.dtype
+    model = NeuralODE(field, sensitivity=sensitivity, solver=solver, interpolator=interpolator,
+                      atol=SOLVER_TOLERANCE[dtype], rtol=SOLVER_TOLERANCE[dtype], **options)
+    return model(x, t_span, save_at=save_at)
+
+
+def problem(dtype, seed=0, batch=3, dim=2, **field_kwargs):
+    torch.manual_seed(seed)
+    field = Field(dim=dim, **field_kwargs).to(dtype)
+    x = torch.randn(batch, dim, dtype=dtype, requires_grad=True)
+    return field, x
+
+
+CASES = ["t_span", "save_at", "reversed", "interpolator_4th"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The forward pass is torchdyn's; the gradient is exact.
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_forward_pass_is_torchdyns_bit_for_bit(solver, case, dtype):
+    field, x = problem(dtype)
+    inputs = case_inputs(case, solver, dtype)
+    t_ours, sol_ours = solve("symplectic_adjoint", field, x, solver=solver, **inputs)
+    t_theirs, sol_theirs = solve("autograd", field, x, solver=solver, **inputs)
+    assert sol_ours.shape == sol_theirs.shape and t_ours.shape == t_theirs.shape
+    assert torch.equal(t_ours, t_theirs)
+    assert torch.equal(sol_ours, sol_theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_gradient_equals_backprop_through_the_same_steps(solver, case, dtype, monkeypatch):
+    field, x = problem(dtype)
+    inputs = case_inputs(case, solver, dtype)
+    wrt = [x, *field.parameters()]
+    _, sol = solve("symplectic_adjoint", field, x, solver=solver, **inputs)
+    ours = grads(loss_of(sol), wrt)
+    autograd_with_constant_steps(monkeypatch)
+    _, sol_ref = solve("autograd", field, x, solver=solver, **inputs)
+    reference = grads(loss_of(sol_ref), wrt)
+    assert_exact(relative_error(ours, reference), dtype, solver)
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])
+def test_fixed_step_gradient_equals_torchdyn_autograd_itself(solver):
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 6, dtype=torch.float64)
+    wrt = [x, *field.parameters()]
+    ours = grads(loss_of(solve("symplectic_adjoint", field, x, t_span, solver=solver)[1]), wrt)
+    theirs = grads(loss_of(solve("autograd", field, x, t_span, solver=solver)[1]), wrt)
+    assert relative_error(ours, theirs) <= 1e-12
+
+
+def test_float32_times_with_float64_state(monkeypatch):
+    """torchdyn then computes step times in float32 and some stage times in float64: replayed as it did."""
+    field, x = problem(torch.float64)
+    t_span = torch.tensor([0.0, 0.3, 1.0])
+    wrt = [x, *field.parameters()]
+    for solver in ["rk4", "dopri5"]:
+        t_ours, sol = solve("symplectic_adjoint", field, x, t_span, solver=solver, interpolator="4th")
+        ours = grads(loss_of(sol), wrt)
+        with monkeypatch.context() as patch:
+            autograd_with_constant_steps(patch)
+            t_ref, sol_ref = solve("autograd", field, x, t_span, solver=solver, interpolator="4th")
+        assert torch.equal(sol, sol_ref) and torch.equal(t_ours, t_ref)
+        assert_exact(relative_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64, solver)
+
+
+def test_rk4_stages_are_replayed_where_torchdyns_step_evaluates_them():
+    """torchdyn 1.0.6's RungeKutta4.step evaluates k2..k4 at t + c[0..2]·dt with c = (0, 1/2, 1/2, 1): at
+    (t, t, t + dt/2, t + dt/2), not at the textbook (t, t + dt/2, t + dt/2, t + dt). The exactness tests above
+    use a time-dependent field, so replaying at the textbook times would fail them."""
+    solver = RungeKutta4(torch.float64)
+    seen = []
+
+    def f(t, x):
+        seen.append(float(t))
+        return torch.cos(x) * t
+
+    solver.step(f, torch.ones(2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
+                torch.tensor(0.5, dtype=torch.float64))
+    assert seen == [1.0, 1.0, 1.25, 1.25]
+    assert adapter._tableau_of(solver).c == (0.0, 0.0, 0.5, 0.5)
+
+
+def test_torchdyns_interpolant_is_linear_in_the_stages():
+    """The core needs the dense output to be linear in (y0, y1, k): its VJP must not depend on their values."""
+    interp = FourthOrder(torch.float64)
+    dt, t0, t1, t = (torch.tensor([v], dtype=torch.float64) for v in (0.3, 0.1, 0.4, 0.27))
+
+    def vjp_at(seed):
+        torch.manual_seed(seed)
+        y0, y1 = (torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        k = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(7)]
+        x_mid = y0 + dt * sum([interp.bmid[i] * k[i] for i in range(7)])
+        out = interp.evaluate(interp.fit(dt, k[0], k[-1], y0, y1, x_mid), t0, t1, t)
+        return torch.autograd.grad(out, [y0, y1, *k], torch.ones_like(out))
+
+    for a, b in zip(vjp_at(0), vjp_at(1)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options
+
+def test_args_are_passed_as_torchdyn_passes_them():
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 4, dtype=torch.float64)
+    ours = solve("symplectic_adjoint", field, x, t_span, solver="rk4")
+    with_args = NeuralODE(field, sensitivity="symplectic_adjoint", solver="rk4")(x, t_span, args={"unused": 1})
+    theirs = NeuralODE(field, sensitivity="autograd", solver="rk4")(x, t_span, args={"unused": 1})
+    assert torch.equal(with_args[1], theirs[1]) and torch.equal(ours[1], theirs[1])
+
+
+def test_optimizable_params_of_a_parameterless_vector_field():
+    k = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    t_span = torch.linspace(0, 1, 5, dtype=torch.float64)
+    results = []
+    for sensitivity in ["symplectic_adjoint", "autograd"]:
+        problem_ = ODEProblem(lambda x: -k * torch.sin(x) * x, "rk4", sensitivity=sensitivity, optimizable_params=[k])
+        _, sol = problem_.odeint(x, t_span)
+        results.append(grads(loss_of(sol), [x, k]))
+    assert results[0][1].abs() > 0
+    assert relative_error(*results) <= 1e-12
+
+
+def test_second_order_system_through_defunc():
+    """``order=2``: torchdyn's DEFunc makes it a first-order system on (x, v); that is what is replayed."""
+    class Acceleration(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, t, z, args=None):
+            return torch.tanh(self.lin(z)) * (1 + t)
+
+    torch.manual_seed(0)
+    acc = Acceleration().double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t_span = torch.linspace(0, 1, 5, dtype=torch.float64)
+    results = []
+    for sensitivity in ["symplectic_adjoint", "autograd"]:
+        _, sol = NeuralODE(acc, order=2, solver="rk4", sensitivity=sensitivity)(x, t_span)
+        results.append(grads(loss_of(sol), [x, *acc.parameters()]))
+    assert relative_error(*results) <= 1e-12
+
+
+class IntegralLoss(nn.Module):
+    """A running cost with its own parameter, depending on time and state."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
+
+    def forward(self, t, x):
+        return (x * self.w).sum(-1).pow(2) * (1 + t)
+
+
+@pytest.mark.parametrize(("solver", "reverse"), [("euler", False), ("midpoint", False), ("rk4", False),
+                                                 ("rk4", True)])
+def test_integral_loss_gradient_equals_autograd_on_the_augmented_state(solver, reverse):
+    """torchdyn's convention: with an adjoint the state is not augmented and backward adds the gradient of
+    ``Σ ∫ integral_loss dt``; under 'autograd' the user augments x with an accumulator column. Same steps here."""
+    field, x = problem(torch.float64)
+    cost = IntegralLoss()
+    t_span = torch.linspace(1, 0, 6, dtype=torch.float64) if reverse else torch.linspace(0, 1, 6, dtype=torch.float64)
+    wrt = [x, *field.parameters(), cost.w]
+
+    _, sol = NeuralODE(field, sensitivity="symplectic_adjoint", solver=solver, integral_loss=cost)(x, t_span)
+    ours = grads(sol.pow(2).sum(), wrt)
+
+    augmented = torch.cat([torch.zeros(3, 1, dtype=torch.float64), x], dim=1)
+    _, sol_aug = NeuralODE(field, sensitivity="autograd", solver=solver, integral_loss=cost)(augmented, t_span)
+    assert torch.equal(sol, sol_aug[..., 1:])
+    reference = grads(sol_aug[..., 1:].pow(2).sum() + sol_aug[-1, :, 0].sum(), wrt)
+    assert relative_error(ours, reference) <= 1e-12
+    assert ours[-1].abs().sum() > 0
+
+
+def test_integral_loss_with_an_adaptive_solver():
+    """Reference: backprop through torchdyn's own DormandPrince45.step over the accepted steps of the
+    (unaugmented) solve, on the state augmented with the accumulator, as DEFunc augments it under 'autograd'."""
+    field, x = problem(torch.float64)
+    cost = IntegralLoss()
+    t_span = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    wrt = [x, *field.parameters(), cost.w]
+    model = NeuralODE(field, sensitivity="symplectic_adjoint", solver="dopri5", atol=1e-6, rtol=1e-6,
+                      integral_loss=cost)
+    _, sol = model(x, t_span)
+    ours = grads(sol[-1].pow(2).sum(), wrt)
+
+    with torch.no_grad(), adapter._StepRecorder(model.solver) as recorder:
+        torchdyn_problems.odeint(model.vf, x, t_span, model.solver, model.atol, model.rtol)
+    recorder.finish()
+
+    def augmented_field(t, z):
+        return torch.cat([cost(t, z[:, 1:])[:, None], field(t, z[:, 1:])], dim=1)
+
+    z = torch.cat([torch.zeros(3, 1, dtype=torch.float64), x], dim=1)
+    k1 = augmented_field(recorder.steps[0].t, z)
+    for step in recorder.steps:
+        k1, z, _, _ = model.solver.step(augmented_field, z, step.t, step.dt, k1=k1)
+    assert torch.allclose(z[:, 1:], sol[-1], rtol=1e-13, atol=1e-13)
+    reference = grads(z[:, 1:].pow(2).sum() + z[:, 0].sum(), wrt)
+    assert_exact(relative_error(ours, reference), torch.float64, "dopri5")
+
+
+def test_no_grad_gives_torchdyns_solution():
+    field, x = problem(torch.float32)
+    t_span = torch.linspace(0, 1, 4)
+    with torch.no_grad():
+        ours = NeuralODE(field, sensitivity="symplectic_adjoint", solver="dopri5")(x, t_span)
+        theirs = NeuralODE(field, sensitivity="autograd", solver="dopri5")(x, t_span)
+    assert torch.equal(ours[1], theirs[1]) and not ours[1].requires_grad
+
+
+def test_solver_instance_and_odeproblem():
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 3, dtype=torch.float64)
+    solver = torchdyn_problems.str_to_solver("tsit5", torch.float64)
+    t_eval, sol = ODEProblem(field, solver, sensitivity="symplectic_adjoint", atol=1e-6, rtol=1e-6).odeint(x, t_span)
+    t_ref, sol_ref = ODEProblem(field, solver, sensitivity="autograd", atol=1e-6, rtol=1e-6).odeint(x, t_span)
+    assert torch.equal(sol, sol_ref) and torch.equal(t_eval, t_ref)
+    assert "step" not in solver.__dict__  # the recorder put torchdyn's step back
+    assert grads(sol.sum(), [x])[0].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input
+
+def _forward(model, t_span=None, x=None):
+    x = torch.randn(3, 2, requires_grad=True) if x is None else x
+    return model(x, torch.linspace(0, 1, 3) if t_span is None else t_span)
+
+
+@pytest.mark.parametrize("solver", ["alf", "ieuler"])
+def test_unsupported_solver_names_what_is_supported(solver):
+    model = NeuralODE(Field(), sensitivity="symplectic_adjoint", solver=solver)
+    with pytest.raises(ValueError, match="Supported: 'euler', 'midpoint', 'rk4', 'dopri5', 'tsit5'"):
+        _forward(model)
+
+
+def test_solver_subclass_with_its_own_step_is_unsupported():
+    from torchdyn.numerics.solvers.hyper import HyperEuler
+
+    model = NeuralODE(Field(), sensitivity="symplectic_adjoint", solver=HyperEuler(lambda t, x: torch.zeros_like(x)))
+    with pytest.raises(ValueError, match="HyperEuler is not supported"):
+        _forward(model)
+
+
+def test_multiple_shooting_is_unsupported():
+    model = MultipleShootingLayer(lambda x: -x, solver="zero", sensitivity="symplectic_adjoint")
+    with pytest.raises(ValueError, match="does not support multiple shooting.*'rk4'"):
+        model(torch.randn(3, 2, requires_grad=True), torch.linspace(0, 1, 3))
+
+
+def test_unknown_sensitivity_lists_every_valid_value():
+    model = NeuralODE(Field(), sensitivity="symplectic", solver="rk4")
+    with pytest.raises(ValueError, match="'autograd', 'adjoint', 'interpolated_adjoint', 'symplectic_adjoint'"):
+        _forward(model)
+
+
+@pytest.mark.parametrize(("t_span", "message"), [
+    (torch.tensor([0.0]), "at least two times"),
+    (torch.tensor([0.0, 0.5, 0.3, 1.0]), "strictly increasing or strictly decreasing"),
+    (torch.tensor([0.0, 0.5, 0.5, 1.0]), "strictly increasing or strictly decreasing"),
+    (torch.zeros(2, 3), "1-D tensor"),
+])
+def test_bad_t_span(t_span, message):
+    model = NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="dopri5")
+    with pytest.raises(ValueError, match=message):
+        _forward(model, t_span)
+
+
+def test_gradient_wrt_t_span_is_refused():
+    model = NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4")
+    with pytest.raises(ValueError, match="with respect to t_span"):
+        _forward(model, torch.linspace(0, 1, 3).requires_grad_())
+
+
+def test_unsupported_interpolator():
+    model = NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="dopri5", interpolator="cubic")
+    with pytest.raises(ValueError, match="interpolator='cubic'"):
+        _forward(model)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registration and torchdyn's internals
+
+def test_register_hooks_the_dispatch_only_and_unregister_restores_it():
+    symadj_plugins.unregister()
+    originals = {cls: cls.__dict__["_autograd_func"]
+                 for cls in (torchdyn_problems.ODEProblem, torchdyn_problems.MultipleShootingProblem)}
+    with pytest.raises(TypeError):  # torchdyn alone: its dispatch returns None for a string it does not know
+        _forward(NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4"))
+
+    symadj_plugins.register()
+    symadj_plugins.register()  # idempotent
+    assert symadj_plugins.is_registered("torchdyn")
+    assert all(cls.__dict__["_autograd_func"] is not original for cls, original in originals.items())
+    t_eval, sol = _forward(NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4"))
+    assert sol.requires_grad
+
+    symadj_plugins.unregister()
+    symadj_plugins.unregister()
+    assert not symadj_plugins.is_registered("torchdyn")
+    assert all(cls.__dict__["_autograd_func"] is original for cls, original in originals.items())
+
+
+def test_torchdyns_own_sensitivities_are_untouched():
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 3, dtype=torch.float64)
+    model = NeuralODE(field, sensitivity="adjoint", solver="rk4")
+    _, registered_sol = model(x, t_span)
+    registered = grads(registered_sol.sum(), [x])
+    symadj_plugins.unregister()
+    _, plain_sol = model(x, t_span)
+    assert torch.equal(registered[0], grads(plain_sol.sum(), [x])[0])
+
+
+def test_the_installed_torchdyn_is_what_the_adapter_expects():
+    assert adapter._check_torchdyn() == []
+
+
+def test_registration_fails_loudly_when_torchdyn_changes(monkeypatch):
+    def textbook_rk4_step(self, f, x, t, dt, k1=None, args=None):
+        _, a, b, _ = self.tableau
+        k1 = f(t, x)
+        k2 = f(t + dt / 2, x + dt * a[0] * k1)
+        k3 = f(t + dt / 2, x + dt * (a[1][0] * k1 + a[1][1] * k2))
+        k4 = f(t + dt, x + dt * (a[2][0] * k1 + a[2][1] * k2 + a[2][2] * k3))
+        return None, x + dt * (b[0] * k1 + b[1] * k2 + b[2] * k3 + b[3] * k4), None
+
+    symadj_plugins.unregister()
+    monkeypatch.setattr(RungeKutta4, "step", textbook_rk4_step)
+    with pytest.raises(RuntimeError, match=r"torchdyn 1\.0\.6 .*RungeKutta4.step evaluates stage 2 at t \+ 0\.5 dt"):
+        adapter.register()
+
+    monkeypatch.undo()
+    monkeypatch.delattr(torchdyn_problems.MultipleShootingProblem, "_autograd_func")
+    with pytest.raises(RuntimeError, match=r"MultipleShootingProblem\._autograd_func is missing"):
+        adapter.register()
