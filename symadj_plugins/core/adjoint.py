@@ -46,8 +46,8 @@ class HostSolver(Protocol):
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
         """The host's value at ``t_out`` inside step ``n``, differentiable in ``y0``, ``y1`` and ``k``.
 
-        It must be linear in ``k`` (its vector–Jacobian product may not depend on the values of ``k``):
-        stages the sweep does not otherwise need are passed as zeros. It may evaluate ``f`` itself.
+        It must be linear in ``k``: its vector–Jacobian product may not depend on the values of ``k``, which are
+        passed as zeros. It may evaluate ``f`` itself (at ``y0``/``y1``, whose values are the real ones).
         """
 
     # Optional: ``step_coefficients(trajectory, n) -> (h·A, h·b)``, shapes ``(s, s)`` and ``(s,)`` in the state
@@ -129,30 +129,25 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
         first_is_carried = calls[0] is None
         outputs = trajectory.outputs_in_step.get(n, ())
 
-        touched = [bool(outputs)] * s
-        touched[-1] = touched[-1] or carry_cotangent is not None
-        plan = tableau.backward_plan(tuple(touched))
-
-        stage_values.zero_()
-        if trajectory.stage_inputs is not None:  # the forward pass kept them
-            inputs = trajectory.stage_inputs[n].reshape(s, numel)
-        else:
-            inputs = _recompute_stage_inputs(host, calls, y0, ha, plan, trajectory.carried[n], stage_values,
-                                             stage_inputs, shape)
-
-        # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages.
+        # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages. Dense output is
+        # linear in the stages, so its VJP needs no stage values, and it tells which stages it touches.
         extra_kappa: list[torch.Tensor | None] = [None] * s
+        extra_kappa[-1] = carry_cotangent
         grad_y0_from_outputs = None
-        if carry_cotangent is not None:
-            extra_kappa[-1] = carry_cotangent
         for j in outputs:
-            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, stage_values, shape, t[j],
-                                                grad_solution[j], params, grad_params)
+            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], grad_solution[j], params, grad_params)
             lam = lam + g_y1
             grad_y0_from_outputs = g_y0 if grad_y0_from_outputs is None else grad_y0_from_outputs + g_y0
             for i, g in enumerate(g_k):
                 if g is not None:
                     extra_kappa[i] = g if extra_kappa[i] is None else extra_kappa[i] + g
+
+        plan = tableau.backward_plan(tuple(e is not None for e in extra_kappa))
+        if trajectory.stage_inputs is not None:  # the forward pass kept them
+            inputs = trajectory.stage_inputs[n].reshape(s, numel)
+        else:
+            inputs = _recompute_stage_inputs(host, calls, y0, ha, plan, trajectory.carried[n], stage_values,
+                                             stage_inputs, shape)
 
         # The reverse stage sweep.
         mu.zero_()
@@ -183,6 +178,7 @@ def _recompute_stage_inputs(host: HostSolver, calls: Sequence[StageCall | None],
                             stage_inputs: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Replays one step without a graph: the stage inputs ``Y_i`` the sweep differentiates at, and the stage
     values ``k_i`` they need (written into ``stage_values``). Returns ``stage_inputs`` (``(s, numel)``)."""
+    stage_values.zero_()  # stages not recomputed enter later stage inputs with a zero coefficient: keep them finite
     for i in range(len(calls)):
         if not (plan.vjp[i] or plan.value[i]):
             continue
@@ -212,14 +208,14 @@ def _vjp(host: HostSolver, call: StageCall, y: torch.Tensor, cotangent: torch.Te
     return torch.zeros_like(y).reshape(-1) if grads[0] is None else grads[0].reshape(-1)
 
 
-def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, stage_values: torch.Tensor,
-                      shape: torch.Size, t_out: torch.Tensor, cotangent: torch.Tensor,
-                      params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]):
-    """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``."""
+def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, t_out: torch.Tensor,
+                      cotangent: torch.Tensor, params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]):
+    """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``; ``None`` for a
+    stage the output does not depend on. The stages enter as zeros: dense output is linear in them."""
     with torch.enable_grad():
         y0 = trajectory.states[n].detach().requires_grad_(True)
         y1 = trajectory.states[n + 1].detach().requires_grad_(True)
-        k = [v.view(shape).detach().requires_grad_(True) for v in stage_values]
+        k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
         grads = torch.autograd.grad(out, (y0, y1, *k, *params), cotangent, allow_unused=True)
     g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
