@@ -1,0 +1,102 @@
+"""Peak memory of a region of code: what a gradient method needs on top of what already exists.
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()`` at the start (bytes
+  handed out by PyTorch's caching allocator to tensors; the cache itself is not counted).
+- CPU: the stream of allocation and free events that ``torch.profiler.profile(profile_memory=True)`` records
+  for every tensor storage, summed in time order; the peak of that running sum is the peak of live tensor
+  bytes allocated inside the region (frees of tensors that existed before count negative, so the figure is
+  relative to the start). Memory outside PyTorch's allocator (Python objects, the profiler's own buffers) is
+  not counted. ``tests/test_bench.py`` checks it against a known allocation. The profiler keeps every op
+  event until the region ends (about 2 KB each): a region of a million ops needs about 2 GB.
+
+Marks: :func:`mark` names a point in the region (``"backward"``); the result reports the live bytes just
+before it (``held`` = what the forward pass left for the backward pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+CPU_METHOD = "torch.profiler memory events (live tensor bytes, summed in time order)"
+CUDA_METHOD = "torch.cuda.max_memory_allocated (relative to the start)"
+
+_MARK_PREFIX = "symadj_bench::"
+
+
+@dataclass
+class MemoryReport:
+    peak_bytes: int = 0
+    marks: dict[str, int] = field(default_factory=dict)  # live bytes just before each mark
+    method: str = ""
+
+
+def mark(name: str) -> contextlib.AbstractContextManager:
+    """A named point (a profiler annotation on CPU); use as ``with mark("backward"): ...``."""
+    return torch.profiler.record_function(_MARK_PREFIX + name)
+
+
+class PeakMemory:
+    """Measures the peak of live tensor bytes inside ``with PeakMemory(device) as m: ...``; then ``m.report``."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.report = MemoryReport()
+        self._cuda_marks: dict[str, int] = {}
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            self.report.method = CUDA_METHOD
+        else:
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True, record_shapes=False, with_stack=False)
+            self._prof.__enter__()
+            self.report.method = CPU_METHOD
+        return self
+
+    def cuda_mark(self, name: str) -> None:
+        """On CUDA, marks are read from the allocator directly: call this at the marked point."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._cuda_marks[name] = torch.cuda.memory_allocated(self.device) - self._start
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.report.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+            self.report.marks = dict(self._cuda_marks)
+            return
+        prof, self._prof = self._prof, None  # the events take ~2 KB each: keep them no longer than needed
+        prof.__exit__(*exc)
+        if exc[0] is None:
+            self.report.peak_bytes, self.report.marks = _peak_from_profile(prof)
+
+
+def _peak_from_profile(prof: torch.profiler.profile) -> tuple[int, dict[str, int]]:
+    """Peak of the running sum of CPU allocation (+) and free (-) events, and live bytes at each mark."""
+    changes: list[tuple[int, int]] = []
+    mark_times: dict[str, int] = {}
+    for event in prof.profiler.kineto_results.events():
+        name = event.name()
+        if name == "[memory]":
+            if event.device_type() == torch.autograd.DeviceType.CPU:
+                changes.append((event.start_ns(), event.nbytes()))
+        elif name.startswith(_MARK_PREFIX):
+            mark_times.setdefault(name[len(_MARK_PREFIX):], event.start_ns())
+    changes.sort(key=lambda c: c[0])
+    live = peak = 0
+    marks: dict[str, int] = {}
+    pending = sorted(mark_times.items(), key=lambda kv: kv[1])
+    for when, nbytes in changes:
+        while pending and pending[0][1] <= when:
+            marks[pending.pop(0)[0]] = live
+        live += nbytes
+        peak = max(peak, live)
+    for name, _ in pending:
+        marks[name] = live
+    return peak, marks

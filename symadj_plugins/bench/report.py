@@ -1,0 +1,438 @@
+"""Markdown tables, target checks and plots from the benchmark records (a list of dicts, see ``worker``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from .methods import METHODS
+
+STEP_BOOKKEEPING_BYTES = 64  # per-step scalars the trajectory keeps besides the state (see targets())
+
+FAMILY_STYLE = {"backprop": ("tab:red", "o"), "checkpoint": ("tab:orange", "s"), "adjoint": ("tab:blue", "^"),
+                "ours": ("tab:green", "*")}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Formatting
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3g}" if x >= 0.01 else f"{x * 1e3:.2g} ms"
+
+
+def fmt_err(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1e}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×" if x >= 0.1 else f"{x:.3f}×"
+
+
+def _pair(a, b) -> str:
+    return f"{'–' if a is None else a} / {'–' if b is None else b}"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def _by_method(records: list[dict]) -> dict[str, dict]:
+    return {r["method"]: r for r in records}
+
+
+def _not_ok_row(r: dict, width: int) -> list[str]:
+    reason = r.get("reason", r.get("status", "?"))
+    if not reason.startswith(("n/a", "unavailable")):
+        reason = f"{r.get('status')}: {reason}"
+    return [f"`{r['method']}`", reason.replace("|", "/")] + [""] * (width - 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-problem tables
+
+def method_table(records: list[dict]) -> str:
+    """All figures of every method on one case (the ``cnf`` headline table)."""
+    base = _by_method(_ok(records)).get("backprop")
+    header = ["method", "peak memory", "× backprop", "held for backward", "forward s", "backward s",
+              "fwd+bwd s", "× backprop", "NFE fwd / bwd", "steps fwd / bwd", "grad rel. error", "vs backprop"]
+    rows = []
+    for r in records:
+        if r.get("method") == "reference":
+            continue
+        if r.get("status") != "ok":
+            rows.append(_not_ok_row(r, len(header)))
+            continue
+        mem_ratio = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
+        time_ratio = r["total_s"] / base["total_s"] if base else None
+        rows.append([f"`{r['method']}`", fmt_bytes(r["peak_bytes"]), fmt_ratio(mem_ratio), fmt_bytes(r["held_bytes"]),
+                     fmt_s(r["fwd_s"]), fmt_s(r["bwd_s"]), fmt_s(r["total_s"]), fmt_ratio(time_ratio),
+                     _pair(r["nfe_fwd"], r["nfe_bwd"]), _pair(r["steps_fwd"], r["steps_bwd"]),
+                     fmt_err(r["grad_err"]), fmt_err(r.get("grad_err_vs_backprop"))])
+    return _table(header, rows)
+
+
+def sweep_table(records: list[dict]) -> str:
+    """Time and gradient error of each method across cases (tolerance sweeps)."""
+    header = ["case", "method", "fwd+bwd s", "NFE fwd / bwd", "steps fwd / bwd", "grad rel. error"]
+    rows = []
+    for r in records:
+        if r.get("method") == "reference":
+            continue
+        if r.get("status") != "ok":
+            rows.append([r["label"], f"`{r['method']}`", r.get("reason", r.get("status")), "", "", ""])
+            continue
+        rows.append([r["label"], f"`{r['method']}`", fmt_s(r["total_s"]), _pair(r["nfe_fwd"], r["nfe_bwd"]),
+                     _pair(r["steps_fwd"], r["steps_bwd"]), fmt_err(r["grad_err"])])
+    return _table(header, rows)
+
+
+def pivot_table(records: list[dict], value: str, fmt) -> str:
+    """Methods as rows, cases as columns."""
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    methods = list(dict.fromkeys(r["method"] for r in records if r.get("method") != "reference"))
+    cell = {(r["method"], r["label"]): r for r in records}
+    rows = []
+    for m in methods:
+        row = [f"`{m}`"]
+        for lab in labels:
+            r = cell.get((m, lab))
+            if r is None:
+                row.append("")
+            elif r.get("status") != "ok":
+                row.append("n/a" if r.get("reason", "").startswith("n/a") else r.get("status"))
+            else:
+                row.append(fmt(r[value]))
+        rows.append(row)
+    return _table(["method", *labels], rows)
+
+
+def growth_per_step(records: list[dict], method: str) -> tuple[float, float] | None:
+    """Least-squares slope of peak memory vs N for ``method`` (bytes per step) and the state size."""
+    pts = [(r["case"]["n_steps"], r["peak_bytes"]) for r in _ok(records) if r["method"] == method]
+    if len(pts) < 2:
+        return None
+    mx = sum(n for n, _ in pts) / len(pts)
+    my = sum(b for _, b in pts) / len(pts)
+    slope = sum((n - mx) * (b - my) for n, b in pts) / sum((n - mx) ** 2 for n, _ in pts)
+    return slope, _ok(records)[0]["state_bytes"]
+
+
+def growth_table(records: list[dict]) -> str:
+    rows = []
+    for m in dict.fromkeys(r["method"] for r in _ok(records)):
+        g = growth_per_step(records, m)
+        if g:
+            rows.append([f"`{m}`", fmt_bytes(g[0]), f"{g[0] / g[1]:.3g}"])
+    state = _ok(records)[0]["state_bytes"] if _ok(records) else None
+    return _table(["method", "peak memory growth per step", f"in states (|y| = {fmt_bytes(state)})"], rows)
+
+
+def physics_table(records: list[dict]) -> str:
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    methods = list(dict.fromkeys(r["method"] for r in records if r.get("method") != "reference"))
+    cell = {(r["method"], r["label"]): r for r in records}
+    header = ["dtype, tolerance"] + [f"`{m}` error" for m in methods] + [f"`{m}` s" for m in methods]
+    rows = []
+    for lab in labels:
+        errs, times = [], []
+        for m in methods:
+            r = cell.get((m, lab))
+            ok = r is not None and r.get("status") == "ok"
+            errs.append(fmt_err(r["grad_err"]) if ok else
+                        "failed (see below)" if r is not None and r.get("status") == "error" else
+                        (r or {}).get("status", ""))
+            times.append(fmt_s(r["total_s"]) if ok else "")
+        rows.append([lab, *errs, *times])
+    return _table(header, rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Targets (reported, not asserted)
+
+def _target(problem, name, measured, threshold, met, note=""):
+    return {"problem": problem, "target": name, "measured": measured, "threshold": threshold, "met": met,
+            "note": note}
+
+
+def targets(records: list[dict]) -> list[dict]:
+    out = []
+    cnf = [r for r in records if r.get("problem") == "cnf"]
+    headline = [r for r in cnf if r["case"].get("role") == "all"]
+    by = _by_method(_ok(headline))
+    ours, bp, adj = by.get("ours-torchdiffeq"), by.get("backprop"), by.get("adjoint")
+    if ours and bp:
+        ratio = ours["peak_bytes"] / bp["peak_bytes"]
+        out.append(_target("cnf", "peak memory ≤ 0.1 × backprop", ratio, 0.1, ratio <= 0.1))
+        ratio = ours["total_s"] / bp["total_s"]
+        out.append(_target("cnf", "fwd+bwd time ≤ 1.6 × backprop", ratio, 1.6, ratio <= 1.6))
+    if ours and adj:
+        ratio = ours["peak_bytes"] / adj["peak_bytes"]
+        out.append(_target("cnf", "peak memory ≤ 1.3 × continuous adjoint", ratio, 1.3, ratio <= 1.3))
+    if ours:
+        curve = sorted((r["grad_err"], r["total_s"]) for r in _ok(cnf)
+                       if r["method"] == "adjoint" and r["grad_err"] is not None)
+        out.append(_equal_error_target(ours, curve))
+
+    steps = [r for r in records if r.get("problem") == "steps"]
+    g = growth_per_step(steps, "ours-torchdiffeq")
+    if g:
+        slope, state = g
+        # Besides the state, each step keeps its float64 times (t0, t1, dt and the s stage times of rk4):
+        # 56 B. The target allows that bookkeeping (64 B), not a second state.
+        out.append(_target("steps", "peak memory grows ≤ one state per step", slope / state, 1.0,
+                           slope <= state + STEP_BOOKKEEPING_BYTES,
+                           f"{slope:.0f} B/step; one state = {state} B; allowance for the step's float64 times "
+                           f"{STEP_BOOKKEEPING_BYTES} B"))
+    return out
+
+
+def _equal_error_target(ours: dict, curve: list[tuple[float, float]]) -> dict:
+    name = "faster than the continuous adjoint at equal gradient error"
+    err, time_ = ours["grad_err"], ours["total_s"]
+    if not curve or err is None:
+        return _target("cnf", name, None, None, None, "no continuous adjoint points")
+    errs = [e for e, _ in curve]
+    if err < errs[0]:
+        e0, t0 = curve[0]
+        if time_ < t0:
+            return _target("cnf", name, time_ / t0, 1.0, True,
+                           f"the adjoint's most accurate run (error {e0:.1e}) is less accurate and slower")
+        return _target("cnf", name, time_ / t0, 1.0, None,
+                       f"not comparable: the adjoint never reached error {err:.1e}; its most accurate run "
+                       f"(error {e0:.1e}) took {t0:.3g} s")
+    if err > errs[-1]:
+        e1, t1 = curve[-1]
+        if time_ > t1:
+            return _target("cnf", name, time_ / t1, 1.0, False,
+                           f"the adjoint's least accurate run (error {e1:.1e}) is more accurate and faster")
+        return _target("cnf", name, time_ / t1, 1.0, None, f"not comparable: ours (error {err:.1e}) is less "
+                       f"accurate than every adjoint run; the least accurate took {t1:.3g} s")
+    for (e0, t0), (e1, t1) in zip(curve[:-1], curve[1:]):
+        if e0 <= err <= e1:
+            w = 0.0 if e1 == e0 else (math.log(err) - math.log(e0)) / (math.log(e1) - math.log(e0))
+            t_adj = math.exp((1 - w) * math.log(t0) + w * math.log(t1))
+            return _target("cnf", name, time_ / t_adj, 1.0, time_ < t_adj,
+                           f"adjoint time at error {err:.1e}, interpolated between its tolerance runs: "
+                           f"{t_adj:.3g} s; ours {time_:.3g} s")
+    return _target("cnf", name, None, None, None, "interpolation failed")
+
+
+def targets_table(items: list[dict]) -> str:
+    rows = []
+    for t in items:
+        status = {True: "**met**", False: "**missed**", None: "undetermined"}[t["met"]]
+        measured = "–" if t["measured"] is None else f"{t['measured']:.3g}"
+        rows.append([t["problem"], t["target"], measured, status, t["note"]])
+    return _table(["problem", "target", "measured ratio", "", "note"], rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Whole report
+
+def markdown(records: list[dict], problems: list[str]) -> str:
+    parts = []
+    for problem in problems:
+        recs = [r for r in records if r.get("problem") == problem]
+        if not recs:
+            continue
+        parts.append(f"### `{problem}`\n")
+        parts.append(_case_line(recs))
+        if problem == "cnf":
+            head = [r for r in recs if r["case"].get("role") == "all"]
+            parts.append(method_table(head))
+            sweep = [r for r in recs if r["method"] in ("adjoint", "ours-torchdiffeq", "backprop")]
+            if len({r["label"] for r in sweep}) > 1:
+                parts.append("\nTolerance sweep (continuous adjoint vs ours; time vs gradient error):\n")
+                parts.append(sweep_table(sorted(sweep, key=lambda r: (r["method"], r["case"]["rtol"]))))
+        elif problem in ("steps", "stages"):
+            parts.append("Peak memory during forward + backward:\n")
+            parts.append(pivot_table(recs, "peak_bytes", fmt_bytes))
+            parts.append("\nForward + backward time (s, median):\n")
+            parts.append(pivot_table(recs, "total_s", fmt_s))
+            parts.append("\nGradient relative error (vs float64 reference):\n")
+            parts.append(pivot_table(recs, "grad_err", fmt_err))
+            if problem == "steps":
+                parts.append("\nMemory growth per step (least-squares slope over N):\n")
+                parts.append(growth_table(recs))
+        elif problem == "physics":
+            parts.append(physics_table(recs))
+        bad = [r for r in recs if r.get("status") == "error"]
+        for r in bad:
+            parts.append(f"\n- `{r['method']}` on {r.get('label', '?')}: error: {r.get('reason')}")
+        parts.append("")
+    items = targets(records)
+    if items:
+        parts.append("### Targets\n")
+        parts.append(targets_table(items))
+    return "\n".join(parts) + "\n"
+
+
+def _case_line(records: list[dict]) -> str:
+    r = next((r for r in records if "case" in r), None)
+    if r is None:
+        return ""
+    case = {k: v for k, v in r["case"].items() if k not in ("label", "role", "problem")}
+    return (f"Case: `{case}`; state {fmt_bytes(r.get('state_bytes'))}, {r.get('n_params')} parameters, "
+            f"{r.get('device')}, {r.get('threads')} threads.\n")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plots
+
+def plots(records: list[dict], out: Path) -> list[Path]:
+    """Writes the PNGs for the problems present in ``records``; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    written = []
+    steps = _ok([r for r in records if r.get("problem") == "steps"])
+    if steps:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for m in dict.fromkeys(r["method"] for r in steps):
+            pts = sorted((r["case"]["n_steps"], r["peak_bytes"], r["total_s"]) for r in steps if r["method"] == m)
+            color, marker = FAMILY_STYLE[METHODS[m].family]
+            style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
+            for ax, k in ((axes[0], 1), (axes[1], 2)):
+                ax.plot([p[0] for p in pts], [p[k] / (2 ** 20 if k == 1 else 1) for p in pts], style,
+                        marker=marker, color=color, label=m, alpha=0.9)
+        ns = sorted({r["case"]["n_steps"] for r in steps})
+        state = steps[0]["state_bytes"]
+        axes[0].plot(ns, [n * state / 2 ** 20 for n in ns], ":", color="gray", label="N × |y| (one state/step)")
+        axes[0].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="peak memory (MiB)",
+                    title="Peak memory, forward + backward")
+        axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
+                    title="Time, forward + backward (median)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / "steps_memory_time.png"))
+
+    stages = _ok([r for r in records if r.get("problem") == "stages"])
+    if stages:
+        from .problems import STAGES
+        solvers = [name for name in STAGES if any(r["case"]["solver"] == name for r in stages)]
+        pos = {name: i for i, name in enumerate(solvers)}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for m in dict.fromkeys(r["method"] for r in stages):
+            pts = sorted((pos[r["case"]["solver"]], r["peak_bytes"], r["total_s"]) for r in stages
+                         if r["method"] == m)
+            color, marker = FAMILY_STYLE[METHODS[m].family]
+            style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
+            for ax, k in ((axes[0], 1), (axes[1], 2)):
+                ax.plot([p[0] for p in pts], [p[k] / (2 ** 20 if k == 1 else 1) for p in pts], style,
+                        marker=marker, color=color, label=m)
+        for ax in axes:
+            ax.set_xticks(range(len(solvers)))
+            ax.set_xticklabels([f"{name}\ns = {STAGES[name]}" for name in solvers])
+        n = stages[0]["case"]["n_steps"]
+        axes[0].set(yscale="log", xlabel="solver (stages s)", ylabel="peak memory (MiB)",
+                    title=f"Peak memory vs stages, N = {n} steps")
+        axes[1].set(yscale="log", xlabel="solver (stages s)", ylabel="fwd+bwd time (s)",
+                    title="Time vs stages (median)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / "stages_memory_time.png"))
+
+    cnf = _ok([r for r in records if r.get("problem") == "cnf"])
+    if cnf:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        head = [r for r in cnf if r["case"].get("role") == "all"]
+        ax = axes[0]
+        for r in head:
+            color, marker = FAMILY_STYLE[r["family"]]
+            ax.scatter(r["grad_err"], r["total_s"], color=color, marker=marker, s=60 if r["family"] == "ours" else 35)
+            ax.annotate(r["method"], (r["grad_err"], r["total_s"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+        for m in ("adjoint", "ours-torchdiffeq"):
+            pts = sorted((r["case"]["rtol"], r["grad_err"], r["total_s"]) for r in cnf if r["method"] == m)
+            if len(pts) > 1:
+                color, marker = FAMILY_STYLE[METHODS[m].family]
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color=color, alpha=0.5,
+                        label=f"{m}, rtol {pts[-1][0]:g} … {pts[0][0]:g}")
+                for rtol, e, t in pts:
+                    ax.annotate(f"{rtol:g}", (e, t), fontsize=6, color=color, xytext=(-4, -9),
+                                textcoords="offset points")
+        ax.set(xscale="log", yscale="log", xlabel="gradient relative error (vs float64 reference)",
+               ylabel="fwd+bwd time (s, median)", title="CNF: time vs gradient error")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax = axes[1]
+        names = [r["method"] for r in head]
+        ax.barh(range(len(head)), [r["peak_bytes"] / 2 ** 20 for r in head],
+                color=[FAMILY_STYLE[r["family"]][0] for r in head])
+        ax.set_yticks(range(len(head)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.invert_yaxis()
+        for i, r in enumerate(head):
+            ax.annotate(fmt_bytes(r["peak_bytes"]), (r["peak_bytes"] / 2 ** 20, i), fontsize=7, xytext=(3, -3),
+                        textcoords="offset points")
+        ax.set(xscale="log", xlabel="peak memory, forward + backward (MiB, log scale)", title="CNF: peak memory")
+        _family_legend(ax)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlim(right=ax.get_xlim()[1] * 3)
+        fig.tight_layout()
+        written.append(_save(fig, out / "cnf_time_error_memory.png"))
+
+    physics = _ok([r for r in records if r.get("problem") == "physics"])
+    if physics:
+        dtypes = list(dict.fromkeys(r["case"]["dtype"] for r in physics))
+        fig, axes = plt.subplots(1, len(dtypes) + 1, figsize=(5 * (len(dtypes) + 1), 4.2))
+        for ax, dtype in zip(axes, dtypes):
+            for m in dict.fromkeys(r["method"] for r in physics):
+                pts = sorted((r["case"]["rtol"], r["grad_err"]) for r in physics
+                             if r["method"] == m and r["case"]["dtype"] == dtype)
+                color, marker = FAMILY_STYLE[METHODS[m].family]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker=marker, color=color, label=m)
+            ax.set(xscale="log", yscale="log", xlabel="rtol = atol", ylabel="gradient relative error",
+                   title=f"KdV, {dtype}: gradient error vs tolerance")
+            ax.invert_xaxis()
+            ax.legend(fontsize=7)
+        ax = axes[-1]
+        for dtype, style in zip(dtypes, ("-", "--")):
+            for m in dict.fromkeys(r["method"] for r in physics):
+                pts = sorted((r["grad_err"], r["total_s"]) for r in physics
+                             if r["method"] == m and r["case"]["dtype"] == dtype)
+                color, marker = FAMILY_STYLE[METHODS[m].family]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=color,
+                        label=f"{m} ({dtype})")
+        ax.set(xscale="log", yscale="log", xlabel="gradient relative error", ylabel="fwd+bwd time (s)",
+               title="KdV: time vs gradient error")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / "physics_error_tolerance.png"))
+    return written
+
+
+def _family_legend(ax) -> None:
+    from matplotlib.patches import Patch
+    names = {"backprop": "backprop", "checkpoint": "checkpointing", "adjoint": "continuous adjoint",
+             "ours": "symplectic adjoint (ours)"}
+    ax.legend(handles=[Patch(color=FAMILY_STYLE[f][0], label=n) for f, n in names.items()], fontsize=7,
+              loc="lower right")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
