@@ -12,7 +12,9 @@ a bar chart.
 import argparse
 import os
 
-import matplotlib
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler (memory measurement) quiet
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
