@@ -37,8 +37,16 @@ def _torchdiffeq_requirement(version: str) -> str:
     return f"torchdiffeq=={version}"
 
 
+def _numpy_requirement(torch: str) -> list[str]:
+    # torch 2.1 and 2.2 wheels are built against NumPy 1.x: with NumPy 2 (what matplotlib and scikit-learn pull in
+    # now) torch.Tensor.numpy() fails with "Numpy is not available".
+    major, minor = (int(x) for x in torch.split(".")[:2])
+    return ["numpy<2"] if (major, minor) < (2, 3) else []
+
+
 def _run(session: nox.Session, torch: str, torchdiffeq: str) -> None:
-    session.install(f"torch=={torch}.*", _torchdiffeq_requirement(torchdiffeq), "-e", ".[dev,torchdyn]")
+    session.install(f"torch=={torch}.*", *_numpy_requirement(torch), _torchdiffeq_requirement(torchdiffeq), "-e",
+                    ".[dev,torchdyn]")
     session.install("--no-deps", f"torchdyn=={TORCHDYN}")
     session.run("python", "-c", "import torch, torchdiffeq, torchdyn; print('torch', torch.__version__, "
                 "'| torchdiffeq', torchdiffeq.__version__, '| torchdyn', torchdyn.__version__)")

@@ -85,9 +85,9 @@ def _peak_from_profile(prof: torch.profiler.profile) -> tuple[int, dict[str, int
         name = event.name()
         if name == "[memory]":
             if event.device_type() == torch.autograd.DeviceType.CPU:
-                changes.append((event.start_ns(), event.nbytes()))
+                changes.append((_start_ns(event), event.nbytes()))
         elif name.startswith(_MARK_PREFIX):
-            mark_times.setdefault(name[len(_MARK_PREFIX):], event.start_ns())
+            mark_times.setdefault(name[len(_MARK_PREFIX):], _start_ns(event))
     changes.sort(key=lambda c: c[0])
     live = peak = 0
     marks: dict[str, int] = {}
@@ -100,3 +100,12 @@ def _peak_from_profile(prof: torch.profiler.profile) -> tuple[int, dict[str, int
     for name, _ in pending:
         marks[name] = live
     return peak, marks
+
+
+def _start_ns(event) -> int:
+    """An event's start time in ns: ``start_ns()`` where torch has it, else ``start_us()`` (torch 2.1 has only that).
+
+    Microseconds are coarser: events within one microsecond keep the order the profiler lists them in (the sort
+    is stable), which can differ from their true order; ``tests/test_bench.py`` checks the figure either way."""
+    start_ns = getattr(event, "start_ns", None)
+    return start_ns() if start_ns is not None else event.start_us() * 1000
