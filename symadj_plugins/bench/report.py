@@ -308,13 +308,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     steps = _ok([r for r in records if r.get("problem") == "steps"])
     if steps:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for m in dict.fromkeys(r["method"] for r in steps):
-            pts = sorted((r["case"]["n_steps"], r["peak_bytes"], r["total_s"]) for r in steps if r["method"] == m)
-            color, marker = FAMILY_STYLE[METHODS[m].family]
-            style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
-            for ax, k in ((axes[0], 1), (axes[1], 2)):
-                ax.plot([p[0] for p in pts], [p[k] / (2 ** 20 if k == 1 else 1) for p in pts], style,
-                        marker=marker, color=color, label=m, alpha=0.9)
+        _memory_and_time_lines(axes, steps, lambda r: r["case"]["n_steps"])
         ns = sorted({r["case"]["n_steps"] for r in steps})
         state = steps[0]["state_bytes"]
         axes[0].plot(ns, [n * state / 2 ** 20 for n in ns], ":", color="gray", label="N × |y| (one state/step)")
@@ -332,14 +326,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         solvers = [name for name in STAGES if any(r["case"]["solver"] == name for r in stages)]
         pos = {name: i for i, name in enumerate(solvers)}
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for m in dict.fromkeys(r["method"] for r in stages):
-            pts = sorted((pos[r["case"]["solver"]], r["peak_bytes"], r["total_s"]) for r in stages
-                         if r["method"] == m)
-            color, marker = FAMILY_STYLE[METHODS[m].family]
-            style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
-            for ax, k in ((axes[0], 1), (axes[1], 2)):
-                ax.plot([p[0] for p in pts], [p[k] / (2 ** 20 if k == 1 else 1) for p in pts], style,
-                        marker=marker, color=color, label=m)
+        _memory_and_time_lines(axes, stages, lambda r: pos[r["case"]["solver"]])
         for ax in axes:
             ax.set_xticks(range(len(solvers)))
             ax.set_xticklabels([f"{name}\ns = {STAGES[name]}" for name in solvers])
@@ -420,6 +407,16 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / "physics_error_tolerance.png"))
     return written
+
+
+def _memory_and_time_lines(axes, records: list[dict], x_of) -> None:
+    """One line per method: peak memory (MiB) on ``axes[0]`` and fwd+bwd time (s) on ``axes[1]`` against ``x_of(r)``."""
+    for m in dict.fromkeys(r["method"] for r in records):
+        pts = sorted((x_of(r), r["peak_bytes"] / 2 ** 20, r["total_s"]) for r in records if r["method"] == m)
+        color, marker = FAMILY_STYLE[METHODS[m].family]
+        style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
+        for ax, k in ((axes[0], 1), (axes[1], 2)):
+            ax.plot([p[0] for p in pts], [p[k] for p in pts], style, marker=marker, color=color, label=m, alpha=0.9)
 
 
 def _family_legend(ax) -> None:
