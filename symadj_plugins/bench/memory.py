@@ -16,6 +16,8 @@ before it (``held`` = what the forward pass left for the backward pass).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +57,8 @@ class PeakMemory:
         else:
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                 profile_memory=True, record_shapes=False, with_stack=False)
-            self._prof.__enter__()
+            with _quiet_native_stderr():
+                self._prof.__enter__()
             self.report.method = CPU_METHOD
         return self
 
@@ -72,7 +75,8 @@ class PeakMemory:
             self.report.marks = dict(self._cuda_marks)
             return
         prof, self._prof = self._prof, None  # the events take ~2 KB each: keep them no longer than needed
-        prof.__exit__(*exc)
+        with _quiet_native_stderr():
+            prof.__exit__(*exc)
         if exc[0] is None:
             self.report.peak_bytes, self.report.marks = _peak_from_profile(prof)
 
@@ -109,3 +113,19 @@ def _start_ns(event) -> int:
     is stable), which can differ from their true order; ``tests/test_bench.py`` checks the figure either way."""
     start_ns = getattr(event, "start_ns", None)
     return start_ns() if start_ns is not None else event.start_us() * 1000
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silences file descriptor 2 while the profiler starts or stops: recent kineto builds print a
+    ``profiler_start``/``profiler_stop`` line from C++ each time, which no logging setting turns off. Only those two
+    calls are wrapped, never the measured code, so its errors and warnings still show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
