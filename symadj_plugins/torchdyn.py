@@ -254,7 +254,9 @@ class _TorchdynHost:
     Core coordinates: the state is ``x`` itself, or with an ``integral_loss`` the flat vector ``[x.flatten(), q]``
     whose last entry accumulates the loss. Output slot ``j`` has time ``t_core[j]`` (torchdyn's normalised,
     increasing ``t_span``); for fixed-step solvers slot ``j`` is the state after step ``j``, of which torchdyn
-    returns the rows ``self.rows``; for adaptive ones the slots are exactly torchdyn's returned rows.
+    returns the rows ``self.user_slots``; for adaptive ones the slots are exactly torchdyn's returned rows. When
+    torchdyn returns only some slots, the core returns only those (``returned_slots``), so that the backward pass
+    gets no cotangent of the others (one state per step more if it did).
     """
 
     def __init__(self, problem: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any, args: Any,
@@ -276,7 +278,8 @@ class _TorchdynHost:
         self.tableau: ButcherTableau | None = None
         self.f: Callable | None = None
         self.t_eval: torch.Tensor | None = None
-        self.rows: list[int] | None = None  # fixed-step: slots torchdyn returned, when not all of them
+        self.user_slots: list[int] | None = None  # fixed-step: slots torchdyn returned, when not all of them
+        self.returned_slots: list[int] | None = None  # slots the core's Function returns (None: all)
         self.num_slots = 0
         self.final_slot = -1
         self.time_shape = torch.Size()
@@ -385,13 +388,13 @@ class _TorchdynHost:
         all_states = [*(step.x for step in steps), final_state]
         if len(rows) != len(sol) or any(not torch.equal(sol[i], all_states[n]) for i, n in enumerate(rows)):
             raise _internals_error("the rows _fixed_odeint returned are not the step ends matching save_at")
-        if rows == list(range(len(all_states))):
-            solution = sol
-        else:
-            solution = torch.stack(all_states)
-            self.rows = rows
         outputs_in_step = {n - 1: [n] for n in rows if n > 0}
-        return solution, list(solution.unbind(0)), outputs_in_step
+        if rows == list(range(len(all_states))):
+            return sol, list(sol.unbind(0)), outputs_in_step  # the states are views of torchdyn's solution
+        # Only some step ends returned: the core returns those rows (torchdyn's own sol), and the trajectory keeps
+        # every state as recorded (stacking them into one tensor would hold a second copy while it is made).
+        self.user_slots = self.returned_slots = rows
+        return sol, all_states, outputs_in_step
 
     def _adaptive_outputs(self, sol, steps, final_state, t1):
         # _adaptive_odeint, on each accepted step [t, t + dt], for the next unreached t_span point p:
@@ -426,28 +429,35 @@ class _TorchdynHost:
             solution = torch.cat([solution, states[-1][None]])
             self.final_slot = num
         else:  # slot N is the final state
-            self.final_slot = num - 1
+            self.final_slot = len(states) - 1
+            if self.returned_slots is not None and self.final_slot not in self.returned_slots:
+                # Not among torchdyn's rows: return it too, its cotangent carries the loss.
+                solution = torch.cat([solution, states[-1][None]])
+                self.returned_slots = [*self.returned_slots, self.final_slot]
         slots = outputs_in_step.setdefault(last_step, [])
         if self.final_slot not in slots:
             slots.append(self.final_slot)
         return solution, states
 
-    def user_solution(self, solution: torch.Tensor) -> torch.Tensor:
-        """torchdyn's ``sol`` from the core's output slots (differentiably)."""
+    def user_solution(self, output: torch.Tensor) -> torch.Tensor:
+        """torchdyn's ``sol`` from the rows the core returned (differentiably)."""
+        slots = list(range(output.shape[0])) if self.returned_slots is None else self.returned_slots
         if self.integral_loss is not None:
-            if solution.requires_grad:
-                final_slot = self.final_slot
+            if output.requires_grad:
+                final_row = slots.index(self.final_slot)
 
                 def add_integral_cotangent(grad):
                     grad = grad.clone()
-                    grad[final_slot, -1] += 1
+                    grad[final_row, -1] += 1
                     return grad
 
-                solution.register_hook(add_integral_cotangent)
-            solution = solution[:self.num_slots, :-1].reshape(self.num_slots, *self.x_shape)
-        if self.rows is not None:
-            solution = solution[self.rows]
-        return solution
+                output.register_hook(add_integral_cotangent)
+            output = output[:, :-1]
+        wanted = range(self.num_slots) if self.user_slots is None else self.user_slots
+        picked = [slots.index(j) for j in wanted]
+        if picked != list(range(output.shape[0])):
+            output = output[picked]
+        return output.reshape(len(picked), *self.x_shape)
 
     # -- backward -----------------------------------------------------------------------------------------
     def stage_calls(self, trajectory: Trajectory, n: int) -> list[StageCall | None]:

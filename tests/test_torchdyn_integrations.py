@@ -232,3 +232,31 @@ def test_memory_held_does_not_grow_with_the_network(solver):
     assert ours[0] == ours[1] == ours[2], ours
     assert theirs[1] > theirs[0] and theirs[2] > theirs[0], theirs
     assert ours[0] < theirs[0]
+
+
+def _peak_forward_backward(n_steps: int, save_at_ends: bool) -> int:
+    from symadj_plugins.bench.memory import PeakMemory
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+    model = NeuralODE(f, solver="rk4", sensitivity="symplectic_adjoint", return_t_eval=False)
+    x = torch.randn(64, 16)  # one state: 4 KiB
+    t_span = torch.linspace(0, 1, n_steps + 1)
+    save_at = t_span[[0, -1]] if save_at_ends else ()
+    with PeakMemory("cpu") as memory:
+        sol = model(x, t_span, save_at=save_at)
+        loss = sol[-1].pow(2).sum()
+        torch.autograd.grad(loss, list(f.parameters()))
+    return memory.report.peak_bytes
+
+
+@pytest.mark.parametrize("save_at_ends", [False, True], ids=["every step returned", "save_at=[t0, T]"])
+def test_peak_memory_grows_by_about_one_state_per_step(registered, save_at_ends):
+    # The trajectory holds one state per step. When torchdyn returns only some of the step ends (save_at), the
+    # backward pass must not allocate a cotangent for every step end besides (that was a second state per step).
+    state_bytes = 64 * 16 * 4
+    slope = (_peak_forward_backward(300, save_at_ends) - _peak_forward_backward(100, save_at_ends)) / 200
+    # Every step end returned: torchdyn's _fixed_odeint stacks its list of step states into the returned solution
+    # (which the trajectory then shares), a second state per step while it does; that is torchdyn's, not ours.
+    limit = 1.5 if save_at_ends else 2.5
+    assert state_bytes * 0.9 < slope < limit * state_bytes, slope / state_bytes

@@ -33,7 +33,8 @@ class HostSolver(Protocol):
 
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
         """Runs the host's forward solve (called under ``no_grad``); returns ``(solution, trajectory)``
-        with ``solution`` of shape ``(len(t), *y0.shape)``."""
+        with ``solution`` of shape ``(len(t), *y0.shape)``, or ``(len(returned_slots), *y0.shape)``: the state at
+        each returned slot, in order, when the host sets ``returned_slots``."""
 
     def stage_calls(self, trajectory: Trajectory, n: int) -> Sequence[StageCall | None]:
         """Where step ``n`` evaluates each of its ``s`` stages; ``None`` for a first stage whose value the
@@ -50,6 +51,8 @@ class HostSolver(Protocol):
         passed as zeros. It may evaluate ``f`` itself (at ``y0``/``y1``, whose values are the real ones).
         """
 
+    # Optional: ``returned_slots``, set by ``solve``: the output slots its solution holds, in order, when not all of
+    # them (``None`` or absent: all). The others' cotangent is zero, so the backward pass allocates none for them.
     # Optional: ``step_coefficients(trajectory, n) -> (h·A, h·b)``, shapes ``(s, s)`` and ``(s,)`` in the state
     # dtype, for a host whose step forms the products ``h·a_ij`` differently from ``dt[n] * A`` (torchdyn rounds
     # some of them to float32 for float64 states). Without it the sweep uses ``dt[n] * A`` and ``dt[n] * b``.
@@ -66,9 +69,11 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, host: HostSolver, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
         solution, trajectory = host.solve(y0, t)
+        slots = getattr(host, "returned_slots", None)
         tensors, meta = trajectory.pack()
         ctx.host = host
         ctx.meta = meta
+        ctx.slots = slots
         ctx.num_params = len(params)
         # Saved through autograd so that the trajectory is freed with the graph (after backward unless
         # retain_graph=True), and so that saved-tensor hooks see exactly what this method holds.
@@ -76,29 +81,42 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
         return solution
 
     @staticmethod
-    def backward(ctx, grad_solution: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor):
         if torch.is_grad_enabled():
             raise NotImplementedError(
                 "The symplectic adjoint does not support double backward (create_graph=True). "
                 "Use torchdiffeq.odeint (backprop through the solver) for higher-order derivatives.")
-        t, solution, *rest = ctx.saved_tensors
+        t, output, *rest = ctx.saved_tensors
         params, tensors = rest[:ctx.num_params], rest[ctx.num_params:]
         trajectory = Trajectory.unpack(tensors, ctx.meta)
         host: HostSolver = ctx.host
+        values, cotangents = _per_slot(output, ctx.slots, len(t)), _per_slot(grad_output, ctx.slots, len(t))
 
-        grad_y0, grad_params, lam_without_output0 = backward_sweep(host, trajectory, t, grad_solution, params)
+        grad_y0, grad_params, lam_without_output0 = backward_sweep(host, trajectory, t, cotangents, params)
         grad_t = None
         if ctx.needs_input_grad[2]:
-            grad_t = time_gradient(host, t, solution, grad_solution, lam_without_output0)
+            grad_t = time_gradient(host, t, trajectory.states[0], values, cotangents, lam_without_output0)
         return (None, grad_y0, grad_t, *grad_params)
 
 
-def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, grad_solution: torch.Tensor,
-                   params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+def _per_slot(rows: torch.Tensor, slots: Sequence[int] | None, num_slots: int) -> list[torch.Tensor | None]:
+    """The rows of a returned tensor, one per output slot (views); ``None`` for a slot that was not returned."""
+    if slots is None:
+        return list(rows.unbind(0))
+    per_slot: list[torch.Tensor | None] = [None] * num_slots
+    for row, slot in zip(rows.unbind(0), slots):
+        per_slot[slot] = row
+    return per_slot
+
+
+def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
+                   cotangents: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Runs the reverse sweep over all accepted steps.
 
     Args:
-        grad_solution: ``(len(t), *state_shape)`` cotangent of the returned solution.
+        cotangents: per output slot (``len(t)`` of them), the cotangent of that slot's state (shaped like the
+            state), or ``None`` where it is zero.
     Returns:
         ``(∂L/∂y_0, [∂L/∂θ], λ_0 without the direct cotangent of output 0)``.
     """
@@ -135,7 +153,9 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
         extra_kappa[-1] = carry_cotangent
         grad_y0_from_outputs = None
         for j in outputs:
-            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], grad_solution[j], params, grad_params)
+            if cotangents[j] is None:
+                continue
+            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, grad_params)
             lam = lam + g_y1
             grad_y0_from_outputs = g_y0 if grad_y0_from_outputs is None else grad_y0_from_outputs + g_y0
             for i, g in enumerate(g_k):
@@ -169,7 +189,7 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor, gr
             lam = lam + grad_y0_from_outputs
 
     lam_without_output0 = lam.view(shape)
-    grad_y0 = lam_without_output0 + grad_solution[0]
+    grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
     return grad_y0, grad_params, lam_without_output0
 
 
@@ -230,8 +250,8 @@ def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
             total.add_(g)
 
 
-def time_gradient(host: HostSolver, t: torch.Tensor, solution: torch.Tensor, grad_solution: torch.Tensor,
-                  lam0: torch.Tensor) -> torch.Tensor:
+def time_gradient(host: HostSolver, t: torch.Tensor, y0: torch.Tensor, values: Sequence[torch.Tensor | None],
+                  cotangents: Sequence[torch.Tensor | None], lam0: torch.Tensor) -> torch.Tensor:
     """``∂L/∂t``: ``g_kᵀ f(t_k, y(t_k))`` for outputs ``k ≥ 1`` and ``-λ_0ᵀ f(t_0, y_0)`` for the start.
 
     The same formula as ``torchdiffeq.odeint_adjoint`` (the derivative of the exact flow; the discrete
@@ -240,8 +260,10 @@ def time_gradient(host: HostSolver, t: torch.Tensor, solution: torch.Tensor, gra
     with torch.no_grad():
         grad_t = torch.zeros_like(t)
         for k in range(1, len(t)):
-            f_k = host.vector_field(t[k], solution[k], ())
-            grad_t[k] = (f_k * grad_solution[k]).sum().to(t.dtype)
-        f_0 = host.vector_field(t[0], solution[0], ())
+            if cotangents[k] is None:  # a slot not returned: zero cotangent, zero gradient
+                continue
+            f_k = host.vector_field(t[k], values[k], ())
+            grad_t[k] = (f_k * cotangents[k]).sum().to(t.dtype)
+        f_0 = host.vector_field(t[0], y0, ())
         grad_t[0] = -(f_0 * lam0).sum().to(t.dtype)
     return grad_t
