@@ -114,7 +114,7 @@ def test_quick_benchmark_runs_every_method(tmp_path):
         if name != "backprop" and name != "torchdyn-autograd":
             assert r["nfe_bwd"] > 0, name
     # Exact methods reproduce backprop through the same steps (float32).
-    for name in ("ours-torchdiffeq", "ckpt-step", "ckpt-stage"):
+    for name in ("ours-torchdiffeq", "ours-stored-stages", "ckpt-step", "ckpt-stage"):
         assert records[name]["grad_err_vs_backprop"] < 1e-4, name
     assert records["ours-torchdiffeq"]["peak_bytes"] < records["backprop"]["peak_bytes"]
     assert result["meta"]["memory_method"].startswith("torch.profiler")

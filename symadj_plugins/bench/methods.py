@@ -77,14 +77,17 @@ def _adjoint(tight: bool = False, seminorm: bool = False):
     return prepare
 
 
-def _ours_torchdiffeq(setup: Setup, f: CountingField):
-    from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
-    params = setup.params()
+def _ours_torchdiffeq(store_stages: bool = False):
+    def prepare(setup: Setup, f: CountingField):
+        from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+        params = setup.params()
 
-    def run():
-        return odeint_symplectic_adjoint(f, setup.y0, setup.t, rtol=setup.rtol, atol=setup.atol,
-                                         method=setup.method, options=dict(setup.options), adjoint_params=params)
-    return run
+        def run():
+            return odeint_symplectic_adjoint(f, setup.y0, setup.t, rtol=setup.rtol, atol=setup.atol,
+                                             method=setup.method, options=dict(setup.options), adjoint_params=params,
+                                             store_stages=store_stages)
+        return run
+    return prepare
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -223,7 +226,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("torchdyn-adjoint", "torchdyn adjoint", "adjoint", _torchdyn("adjoint")),
     Method("torchdyn-interp-adjoint", "torchdyn interpolated_adjoint", "adjoint",
            _torchdyn("interpolated_adjoint")),
-    Method("ours-torchdiffeq", "ours: symplectic adjoint (torchdiffeq)", "ours", _ours_torchdiffeq),
+    Method("ours-torchdiffeq", "ours: symplectic adjoint (torchdiffeq)", "ours", _ours_torchdiffeq()),
+    Method("ours-stored-stages", "ours (torchdiffeq), store_stages=True", "ours", _ours_torchdiffeq(store_stages=True)),
     Method("ours-torchdyn", "ours: symplectic adjoint (torchdyn)", "ours",
            _torchdyn("symplectic_adjoint", ours=True)),
 ]}
