@@ -278,9 +278,8 @@ class _TorchdynHost:
         self.tableau: ButcherTableau | None = None
         self.f: Callable | None = None
         self.t_eval: torch.Tensor | None = None
-        self.user_slots: list[int] | None = None  # fixed-step: slots torchdyn returned, when not all of them
+        self.user_slots: list[int] = []  # the slots torchdyn returns, in order
         self.returned_slots: list[int] | None = None  # slots the core's Function returns (None: all)
-        self.num_slots = 0
         self.final_slot = -1
         self.time_shape = torch.Size()
 
@@ -322,7 +321,8 @@ class _TorchdynHost:
             solution, states, outputs_in_step = self._adaptive_outputs(sol, steps, final_state, t1)
         else:
             solution, states, outputs_in_step = self._fixed_outputs(t_eval, sol, steps, final_state)
-        self.num_slots = solution.shape[0]
+        if self.returned_slots is None:  # torchdyn returns every slot (before the integral-loss slot is added)
+            self.user_slots = list(range(solution.shape[0]))
 
         carried = [step.k1 for step in steps]
         if self.integral_loss is not None:
@@ -441,10 +441,11 @@ class _TorchdynHost:
 
     def user_solution(self, output: torch.Tensor) -> torch.Tensor:
         """torchdyn's ``sol`` from the rows the core returned (differentiably)."""
-        slots = list(range(output.shape[0])) if self.returned_slots is None else self.returned_slots
+        slots = range(output.shape[0]) if self.returned_slots is None else self.returned_slots
+        row_of = {slot: row for row, slot in enumerate(slots)}
         if self.integral_loss is not None:
             if output.requires_grad:
-                final_row = slots.index(self.final_slot)
+                final_row = row_of[self.final_slot]
 
                 def add_integral_cotangent(grad):
                     grad = grad.clone()
@@ -453,8 +454,7 @@ class _TorchdynHost:
 
                 output.register_hook(add_integral_cotangent)
             output = output[:, :-1]
-        wanted = range(self.num_slots) if self.user_slots is None else self.user_slots
-        picked = [slots.index(j) for j in wanted]
+        picked = [row_of[slot] for slot in self.user_slots]
         if picked != list(range(output.shape[0])):
             output = output[picked]
         return output.reshape(len(picked), *self.x_shape)

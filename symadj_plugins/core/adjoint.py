@@ -90,11 +90,12 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
         params, tensors = rest[:ctx.num_params], rest[ctx.num_params:]
         trajectory = Trajectory.unpack(tensors, ctx.meta)
         host: HostSolver = ctx.host
-        values, cotangents = _per_slot(output, ctx.slots, len(t)), _per_slot(grad_output, ctx.slots, len(t))
+        cotangents = _per_slot(grad_output, ctx.slots, len(t))
 
         grad_y0, grad_params, lam_without_output0 = backward_sweep(host, trajectory, t, cotangents, params)
         grad_t = None
         if ctx.needs_input_grad[2]:
+            values = _per_slot(output, ctx.slots, len(t))
             grad_t = time_gradient(host, t, trajectory.states[0], values, cotangents, lam_without_output0)
         return (None, grad_y0, grad_t, *grad_params)
 
