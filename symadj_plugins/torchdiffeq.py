@@ -33,7 +33,8 @@ from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from .core import ButcherTableau, StageCall, Trajectory, odeint_symplectic
+from .core import ButcherTableau, HostSolver, StageCall, Trajectory, odeint_symplectic
+from .core.replay import RandomnessWatch, RngState
 
 __all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC"]
 
@@ -114,13 +115,13 @@ class _Recorder:
     """Stands between a torchdiffeq solver and its (normalised) ``func`` and records accepted steps.
 
     It forwards every call and every callback, so the solver and the user's callbacks see exactly what
-    they would see under ``torchdiffeq.odeint``.
+    they would see under ``torchdiffeq.odeint``. It also notes which stage evaluations drew random numbers
+    (and from which generator state), so that the backward pass replays them with the same numbers.
     """
 
     def __init__(self, func: Callable, y0: torch.Tensor, adaptive: bool, carried_last_stage: bool,
-                 stages_to_keep: int = 0):
+                 num_stages: int, stages_to_keep: int = 0):
         self.func = func
-        self.y0 = y0
         self.adaptive = adaptive
         self.carried_last_stage = carried_last_stage
         self.solver: Any = None
@@ -136,22 +137,40 @@ class _Recorder:
         self.stages_to_keep = stages_to_keep
         self.stage_inputs: list[list[torch.Tensor]] = []
         self._attempt: list[torch.Tensor] | None = None
+        # Random-number states, per stage of the attempt under way: the first `num_stages` calls after
+        # callback_step are the step's stages (adaptive: stages 2..s, after the k_1 it starts from).
+        self.num_stages = num_stages
+        self.randomness = RandomnessWatch(y0.device)
+        self.stage_rng: list[list[RngState | None]] = []
+        self._attempt_rng: list[RngState | None] | None = None
+        self._k1_rng: RngState | None = None  # the state the call that produced the next attempt's k_1 started from
+        self._num_calls = 0
+        self.drew_random_numbers = False
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor, perturb: Perturb = Perturb.NONE) -> torch.Tensor:
-        out = self.func(t, y, perturb=perturb)
+        out, rng = self.randomness.call(self.func, t, y, perturb=perturb)
         if not self._checked:
             _check_func_output(out, y)
             self._checked = True
+        if rng is not None:
+            self.drew_random_numbers = True
+        if self._num_calls == 0:  # f(t_0, y_0): the first k_1 of an adaptive solve
+            self._k1_rng = rng
+        self._num_calls += 1
         if perturb is Perturb.NEXT:
             self._jumped = True
+            self._k1_rng = rng  # adaptive: f(t_n⁺, y_n) after a jump_t is the next k_1
+        if self._attempt_rng is not None and len(self._attempt_rng) < self.num_stages:
+            self._attempt_rng.append(rng)
         if self._attempt is not None and len(self._attempt) < self.stages_to_keep:
             self._attempt.append(y)
         return out
 
     def callback_step(self, t0, y0, dt):
+        # Adaptive steps start from the carried k_1 (stage 1 input: y0) and call f for stages 2..s;
+        # fixed-grid steps call f for every stage.
+        self._attempt_rng = [self._k1_rng] if self.adaptive else []
         if self.stages_to_keep:
-            # Adaptive steps start from the carried k_1 (stage 1 input: y0) and call f for stages 2..s;
-            # fixed-grid steps call f for every stage.
             self._attempt = [y0] if self.adaptive else []
         if not self.adaptive:  # fixed grid: every step is accepted
             self._record(t0, y0, dt, _START_INITIAL, None)
@@ -178,6 +197,9 @@ class _Recorder:
     def _record(self, t0, y0, dt, start, carried):
         if self.stages_to_keep:
             self.stage_inputs.append(self._attempt)
+        self.stage_rng.append(self._attempt_rng)
+        if self.adaptive and not self.carried_last_stage:
+            self._k1_rng = self._attempt_rng[-1]  # FSAL: the last stage's evaluation is the next k_1
         self.t0.append(t0)
         self.dt.append(dt)
         self.states.append(y0)
@@ -195,11 +217,26 @@ def _check_func_output(out: Any, y: torch.Tensor) -> None:
             "the same shape and dtype as y.")
 
 
-class _TorchdiffeqHost:
+@dataclass
+class _TorchdiffeqSteps:
+    """The torchdiffeq adapter's record of a solve, beside the core's :class:`Trajectory`.
+
+    Attributes:
+        starts: per accepted step, how its first stage was obtained (``_START_*``).
+        stage_times: ``(N, s)`` times at which torchdiffeq evaluated each stage, in the dtype it computed them in.
+    """
+
+    starts: list[str]
+    stage_times: torch.Tensor
+
+
+class _TorchdiffeqHost(HostSolver):
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
-    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False):
+    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False,
+                 user_func: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
+        self.user_func = user_func  # the caller's func, whose module buffers the replay guards
         self.store_stages = store_stages
         # A name in torchdiffeq's SOLVERS, or a solver class (see register_fixed_grid_solver).
         self.solver_cls = SOLVERS[method] if isinstance(method, str) else method
@@ -219,7 +256,7 @@ class _TorchdiffeqHost:
         tab = self.tableau
         # A last stage evaluated at (t_{n+1}⁻, y_{n+1}) can be re-evaluated; any other must be stored.
         carried_last_stage = self.adaptive and not tab.fsal
-        recorder = _Recorder(self.func, y0, self.adaptive, carried_last_stage,
+        recorder = _Recorder(self.func, y0, self.adaptive, carried_last_stage, tab.num_stages,
                              stages_to_keep=tab.num_stages if self.store_stages else 0)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
@@ -233,7 +270,9 @@ class _TorchdiffeqHost:
             final_t1, final_y = solver.rk_state.t1, solver.rk_state.y1
             solver.rk_state = None  # drop the solver's own copies of the last step
         else:
-            final_t1, final_y = t[-1], solution[-1]  # torchdiffeq's grid ends exactly at t[-1]
+            # torchdiffeq's grid ends exactly at t[-1]. A copy, not a view of the solution: the caller may write
+            # into the solution before backward(), as with backprop.
+            final_t1, final_y = t[-1], solution[-1].clone()
         # Keep the solver (its tableau copy, interpolation methods) but not the recorder's lists: the
         # trajectory below is the only owner of the states, so autograd frees them after backward.
         solver.func = self.func
@@ -261,10 +300,19 @@ class _TorchdiffeqHost:
                 raise RuntimeError(f"torchdiffeq's {self.method} evaluated a different number of stages than its "
                                    f"tableau has ({tab.num_stages}); please report this with your torchdiffeq version")
             stage_inputs = [torch.stack(inputs) for inputs in recorder.stage_inputs]
-        trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step, stage_inputs=stage_inputs)
-        trajectory.host_data["starts"] = recorder.starts
-        trajectory.host_data["stage_times"] = self._stage_times(t0, t1, dt, y0)
+        if recorder.drew_random_numbers and not self.adaptive and self.solver.interp == "cubic":
+            raise ValueError(
+                "the vector field draws random numbers, and interp='cubic' evaluates it once more per output, outside "
+                "the steps the symplectic adjoint replays with the forward pass's random numbers; use interp='linear' "
+                "(torchdiffeq's default) or a deterministic field.")
+        stage_rng = recorder.stage_rng if recorder.drew_random_numbers else None
+        host_data = _TorchdiffeqSteps(recorder.starts, self._stage_times(t0, t1, dt, y0))
+        trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step, host_data,
+                                stage_inputs=stage_inputs, stage_rng=stage_rng)
         return solution, trajectory
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.user_func,) if isinstance(m, torch.nn.Module)]
 
     def _stage_times(self, t0: torch.Tensor, t1: torch.Tensor, dt: torch.Tensor,
                      y0: torch.Tensor) -> torch.Tensor:
@@ -281,10 +329,10 @@ class _TorchdiffeqHost:
 
     # -- backward -----------------------------------------------------------------------------------------
     def stage_calls(self, trajectory: Trajectory, n: int) -> list[StageCall | None]:
-        times = trajectory.host_data["stage_times"][n]
+        times = trajectory.host_data.stage_times[n]
         calls: list[StageCall | None] = []
         if self.adaptive:
-            start = trajectory.host_data["starts"][n]
+            start = trajectory.host_data.starts[n]
             first = {_START_INITIAL: Perturb.NONE, _START_FSAL: Perturb.PREV, _START_JUMP: Perturb.NEXT}.get(start)
             calls.append(None if start == _START_CARRIED else StageCall(times[0], (("perturb", first),)))
             for i, c in enumerate(self.tableau.c[1:], start=1):
@@ -364,7 +412,7 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, _, _ = _check_inputs(
         func, y0, t, rtol, atol, method, options, None, SOLVERS)
-    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, store_stages=store_stages)
+    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, store_stages=store_stages, user_func=func)
     solution = odeint_symplectic(host, y0_flat, t_norm, params)
     if shapes is not None:
         solution = _flat_to_shape(solution, (len(t),), shapes)

@@ -73,7 +73,8 @@ from typing import Any
 
 import torch
 
-from .core import ButcherTableau, StageCall, Trajectory, odeint_symplectic
+from .core import ButcherTableau, HostSolver, StageCall, Trajectory, odeint_symplectic
+from .core.replay import RandomnessWatch, RngState
 
 try:
     import torchdyn
@@ -163,6 +164,7 @@ class _Step:
     stage_times: list[torch.Tensor]
     x_new: torch.Tensor | None = None
     k1: torch.Tensor | None = None  # the k1 torchdyn passed, kept only where the replay must reuse it
+    stage_rng: list[RngState | None] = field(default_factory=list)  # per stage: the generator state it drew from
 
 
 @dataclass
@@ -181,6 +183,9 @@ class _StepRecorder:
     _depth: int = 0
     _real_step: Callable | None = None
     _shadowed: tuple[bool, Any] = (False, None)
+    randomness: RandomnessWatch | None = None
+    start_rng: RngState | None = None  # generators at the solve's start: where an adaptive first k1 drew
+    drew_random_numbers: bool = False
 
     def __enter__(self) -> _StepRecorder:
         own = self.solver.__dict__
@@ -210,20 +215,26 @@ class _StepRecorder:
             self._pending = None
 
         times: list[torch.Tensor] = []
+        stage_rng: list[RngState | None] = []
         inner = f
+        if self.randomness is None:
+            self.randomness = RandomnessWatch(x.device)
 
         def recording_f(t_, x_, *extra, **kwargs):
             if extra or kwargs:
                 raise _internals_error(f"{type(self.solver).__name__}.step called f with extra arguments")
             times.append(t_)
-            return inner(t_, x_)
+            out, rng = self.randomness.call(inner, t_, x_)
+            stage_rng.append(rng)
+            self.drew_random_numbers |= rng is not None
+            return out
 
         self._depth += 1
         try:
             out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
         finally:
             self._depth -= 1
-        self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1)
+        self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1, stage_rng)
         return out
 
     def _accept(self, step: _Step) -> None:
@@ -231,6 +242,8 @@ class _StepRecorder:
         # f(t, x) instead, which is the same up to rounding unless the previous step rounded its coefficients
         # (then Y_s and x differ by more): only then is k1 kept, for the core to reuse (``Trajectory.carried``).
         previous = self.steps[-1] if self.steps else None
+        if step.k1_given:  # k1 was the previous accepted step's last stage, or f(t_0, x_0), the solve's first call
+            step.stage_rng.insert(0, previous.stage_rng[-1] if previous is not None else self.start_rng)
         if previous is None or not _rounds_coefficients(previous.dt, step.x.dtype):
             step.k1 = None
         self.final_state = step.x_new
@@ -247,7 +260,24 @@ class _StepRecorder:
 # --------------------------------------------------------------------------------------------------------
 # One solve, as the core's HostSolver.
 
-class _TorchdynHost:
+@dataclass
+class _TorchdynSteps:
+    """The torchdyn adapter's record of a solve, beside the core's :class:`Trajectory`.
+
+    Attributes:
+        stage_times: ``(N, s, *time_shape)`` times of each stage's ``f`` call, in the widest dtype among them.
+        stage_dtypes: per step, per stage, the dtype torchdyn computed that time in (the replay uses it).
+        step_times: per step, ``(t, t + dt, dt)`` as torchdyn computed them.
+        rounded_coefficients: ``{n: (h·A, h·b)}`` for the steps whose coefficients torchdyn rounded.
+    """
+
+    stage_times: torch.Tensor
+    stage_dtypes: tuple[tuple[torch.dtype, ...], ...]
+    step_times: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    rounded_coefficients: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class _TorchdynHost(HostSolver):
     """One torchdyn solve (``ODEProblem`` + ``x`` + ``t_span``) as the core's
     :class:`~symadj_plugins.core.adjoint.HostSolver`.
 
@@ -266,6 +296,8 @@ class _TorchdynHost:
         self.adaptive = self.solver.stepping_class == "adaptive"
         self.interpolator = interpolator  # the one torchdyn's _adaptive_odeint uses (None if it uses none)
         self.integral_loss = problem.integral_loss
+        if self.integral_loss is not None:  # the accumulator's stored values are placeholders: not replay-checked
+            self.checked_entries = slice(0, -1)
         self.t_span, self.save_at, self.args = t_span, save_at, args
         self.x_shape, self.state_dtype = x.shape, x.dtype
         self.reversed = bool(t_span[1] < t_span[0])
@@ -287,7 +319,7 @@ class _TorchdynHost:
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
         x, self.x = self.x, None
         problem = self.problem
-        with _StepRecorder(self.solver) as recorder:
+        with _StepRecorder(self.solver, start_rng=RngState.capture(x.device)) as recorder:
             t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, self.solver, problem.atol, problem.rtol,
                                            interpolator=problem.interpolator, save_at=self.save_at, args=self.args)
         recorder.finish()
@@ -328,12 +360,13 @@ class _TorchdynHost:
         if self.integral_loss is not None:
             solution, states = self._augment(solution, states, outputs_in_step)
             carried = [None if k is None else _with_accumulator(k) for k in carried]
-        trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step)
-        trajectory.host_data["stage_times"] = stage_times
-        trajectory.host_data["stage_dtypes"] = stage_dtypes
-        trajectory.host_data["step_times"] = step_times
-        trajectory.host_data["rounded_coefficients"] = self._rounded_coefficients(steps, x)
+        host_data = _TorchdynSteps(stage_times, stage_dtypes, step_times, self._rounded_coefficients(steps, x))
+        stage_rng = [step.stage_rng for step in steps] if recorder.drew_random_numbers else None
+        trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_rng=stage_rng)
         return solution, trajectory
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.problem.vf, self.integral_loss) if isinstance(m, torch.nn.Module)]
 
     def _rounded_coefficients(self, steps: list[_Step], x: torch.Tensor) -> dict[int, tuple[torch.Tensor, ...]]:
         """``{n: (h·A, h·b)}`` for the steps whose products ``dt·a_ij`` torchdyn did not compute in the state dtype.
@@ -374,12 +407,10 @@ class _TorchdynHost:
     def step_coefficients(self, trajectory: Trajectory, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h·A, h·b)`` of step ``n`` exactly as torchdyn's step used them (see :meth:`_rounded_coefficients`),
         in the state dtype."""
-        rounded = trajectory.host_data["rounded_coefficients"].get(n)
+        rounded = trajectory.host_data.rounded_coefficients.get(n)
         if rounded is not None:
             return rounded
-        a, b = self.tableau.tensors(self.state_dtype, trajectory.states[n].device)
-        h = trajectory.dt[n].to(self.state_dtype)
-        return h * a, h * b
+        return super().step_coefficients(trajectory, n)
 
     def _fixed_outputs(self, save_at, sol, steps, final_state):
         # _fixed_odeint: save the state at step end t iff torch.isclose(t, save_at).sum(); it returns save_at.
@@ -389,11 +420,10 @@ class _TorchdynHost:
         if len(rows) != len(sol) or any(not torch.equal(sol[i], all_states[n]) for i, n in enumerate(rows)):
             raise _internals_error("the rows _fixed_odeint returned are not the step ends matching save_at")
         outputs_in_step = {n - 1: [n] for n in rows if n > 0}
-        if rows == list(range(len(all_states))):
-            return sol, list(sol.unbind(0)), outputs_in_step  # the states are views of torchdyn's solution
-        # Only some step ends returned: the core returns those rows (torchdyn's own sol), and the trajectory keeps
-        # every state as recorded (stacking them into one tensor would hold a second copy while it is made).
-        self.user_slots = self.returned_slots = rows
+        # The trajectory keeps every state as recorded, not views of torchdyn's solution: the caller may write into
+        # the solution before backward(), as with backprop.
+        if rows != list(range(len(all_states))):  # only some step ends returned: the core returns those rows
+            self.user_slots = self.returned_slots = rows
         return sol, all_states, outputs_in_step
 
     def _adaptive_outputs(self, sol, steps, final_state, t1):
@@ -461,7 +491,7 @@ class _TorchdynHost:
 
     # -- backward -----------------------------------------------------------------------------------------
     def stage_calls(self, trajectory: Trajectory, n: int) -> list[StageCall | None]:
-        times, dtypes = trajectory.host_data["stage_times"][n], trajectory.host_data["stage_dtypes"][n]
+        times, dtypes = trajectory.host_data.stage_times[n], trajectory.host_data.stage_dtypes[n]
         calls: list[StageCall | None] = [StageCall(times[i].reshape(self.time_shape).to(dtype))
                                          for i, dtype in enumerate(dtypes)]
         if trajectory.carried[n] is not None:
@@ -490,7 +520,7 @@ class _TorchdynHost:
         interpolator = self.interpolator
         if interpolator is None:  # every output is a step end
             return y1
-        t0, t1, dt = trajectory.host_data["step_times"][n]
+        t0, t1, dt = trajectory.host_data.step_times[n]
         # _adaptive_odeint's interpolation, through torchdyn's own fit/evaluate; linear in (y0, y1, k).
         x_mid = y0 + dt * sum([interpolator.bmid[i] * k[i] for i in range(len(k))])
         coefs = interpolator.fit(dt, k[0], k[-1], y0, y1, x_mid)

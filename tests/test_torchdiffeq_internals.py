@@ -70,7 +70,7 @@ def test_fixed_grid_rule_matches_torchdiffeq_step(method, perturb):
     host = adapter._TorchdiffeqHost(field, method, 1e-7, 1e-9, {"perturb": perturb})
     host.solver = solver
     traj = Trajectory([y0, y0 + dy], t0.reshape(1), t1.reshape(1), dt.reshape(1), [None], {})
-    traj.host_data["stage_times"] = host._stage_times(traj.t0, traj.t1, traj.dt, y0)
+    traj.host_data = adapter._TorchdiffeqSteps(["initial"], host._stage_times(traj.t0, traj.t1, traj.dt, y0))
     calls = host.stage_calls(traj, 0)
     a, b = rule.tableau.tensors(torch.float64, "cpu")
     recorded = list(field.calls)

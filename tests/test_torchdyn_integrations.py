@@ -256,7 +256,9 @@ def test_peak_memory_grows_by_about_one_state_per_step(registered, save_at_ends)
     # backward pass must not allocate a cotangent for every step end besides (that was a second state per step).
     state_bytes = 64 * 16 * 4
     slope = (_peak_forward_backward(300, save_at_ends) - _peak_forward_backward(100, save_at_ends)) / 200
-    # Every step end returned: torchdyn's _fixed_odeint stacks its list of step states into the returned solution
-    # (which the trajectory then shares), a second state per step while it does; that is torchdyn's, not ours.
-    limit = 1.5 if save_at_ends else 2.5
+    # Every step end returned: torchdyn's _fixed_odeint stacks its list of step states into the returned solution, a
+    # second state per step, and the cotangent of that solution is a third. The trajectory keeps its own copy of the
+    # states rather than views of the solution, so that the caller may write into the solution before backward() (as
+    # with backprop); the list torchdyn stacked is that copy.
+    limit = 1.5 if save_at_ends else 3.5
     assert state_bytes * 0.9 < slope < limit * state_bytes, slope / state_bytes

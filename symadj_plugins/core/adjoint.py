@@ -17,32 +17,50 @@ the stored ``y_n``. The step sizes are constants (not differentiated), as in the
 
 from __future__ import annotations
 
+import abc
+import contextlib
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import torch
 
+from .replay import AutocastState, BufferGuard, ReplayCheck, hooks_suspended
 from .tableau import ButcherTableau, StagePlan
 from .trajectory import StageCall, Trajectory
 
 
-class HostSolver(Protocol):
-    """What an adapter provides for one solve. All tensors are in the host's normalised coordinates."""
+class HostSolver(abc.ABC):
+    """What an adapter provides for one solve. All tensors are in the host's normalised coordinates.
+
+    Attributes:
+        tableau: the ``s``-stage tableau of the host's solver (set by ``solve`` at the latest).
+        returned_slots: set by ``solve``: the output slots its solution holds, in order, when not all of them
+            (``None``: all). The others' cotangent is zero, so the backward pass allocates none for them.
+        checked_entries: the entries of the flattened state that are stored as the forward pass computed them,
+            which the replay check compares (all by default; a host that stores a placeholder for part of the
+            state, like torchdyn's integral-loss accumulator, narrows it).
+    """
 
     tableau: ButcherTableau
+    returned_slots: Sequence[int] | None = None
+    checked_entries: slice = slice(None)
 
+    @abc.abstractmethod
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
         """Runs the host's forward solve (called under ``no_grad``); returns ``(solution, trajectory)``
         with ``solution`` of shape ``(len(t), *y0.shape)``, or ``(len(returned_slots), *y0.shape)``: the state at
         each returned slot, in order, when the host sets ``returned_slots``."""
 
+    @abc.abstractmethod
     def stage_calls(self, trajectory: Trajectory, n: int) -> Sequence[StageCall | None]:
         """Where step ``n`` evaluates each of its ``s`` stages; ``None`` for a first stage whose value the
         host carried over from the previous step (then ``trajectory.carried[n]`` holds it)."""
 
+    @abc.abstractmethod
     def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
         """``f(t, y)`` as the host calls it, with the stage's extra keyword arguments."""
 
+    @abc.abstractmethod
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
         """The host's value at ``t_out`` inside step ``n``, differentiable in ``y0``, ``y1`` and ``k``.
@@ -51,33 +69,69 @@ class HostSolver(Protocol):
         passed as zeros. It may evaluate ``f`` itself (at ``y0``/``y1``, whose values are the real ones).
         """
 
-    # Optional: ``returned_slots``, set by ``solve``: the output slots its solution holds, in order, when not all of
-    # them (``None`` or absent: all). The others' cotangent is zero, so the backward pass allocates none for them.
-    # Optional: ``step_coefficients(trajectory, n) -> (h·A, h·b)``, shapes ``(s, s)`` and ``(s,)`` in the state
-    # dtype, for a host whose step forms the products ``h·a_ij`` differently from ``dt[n] * A`` (torchdyn rounds
-    # some of them to float32 for float64 states). Without it the sweep uses ``dt[n] * A`` and ``dt[n] * b``.
+    def step_coefficients(self, trajectory: Trajectory, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h·A, h·b)`` of step ``n``, shapes ``(s, s)`` and ``(s,)`` in the state dtype: ``dt[n] * A`` and
+        ``dt[n] * b`` unless the host forms the products ``h·a_ij`` differently (torchdyn rounds some of them to
+        float32 for float64 states)."""
+        y = trajectory.states[n]
+        a, b = self.tableau.tensors(y.dtype, y.device)
+        h = trajectory.dt[n].to(y.dtype)
+        return h * a, h * b
+
+    def modules(self) -> Sequence[torch.nn.Module]:
+        """The modules the vector field is made of (their buffers are guarded: see ``core.replay``)."""
+        return ()
 
 
 def odeint_symplectic(host: HostSolver, y0: torch.Tensor, t: torch.Tensor,
                       params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Solves with the host's solver; gradients w.r.t. ``y0``, ``t`` and ``params`` by the symplectic adjoint."""
+    _check_transforms(y0, t, params)
     return _SymplecticAdjointFunction.apply(host, y0, t, *params)
+
+
+def _check_transforms(*tensors) -> None:
+    """torch.func transforms and forward-mode AD need a forward-mode rule, which the method does not have."""
+    flat = [x for x in tensors if isinstance(x, torch.Tensor)] + [p for p in tensors[-1]]
+    if torch._C._are_functorch_transforms_active() or any(
+            torch._C._functorch.is_functorch_wrapped_tensor(x) for x in flat):
+        raise NotImplementedError(
+            "the symplectic adjoint cannot run under torch.func transforms (vmap, grad, jvp, jacrev, ...): it is a "
+            "reverse-mode gradient of its own. Batch the state instead of vmap, use torch.autograd.grad / "
+            ".backward() for gradients, or torchdiffeq.odeint (backprop through the solver) inside torch.func.")
+    from torch.autograd.forward_ad import unpack_dual
+    if any(unpack_dual(x).tangent is not None for x in flat):
+        raise NotImplementedError(
+            "the symplectic adjoint has no forward-mode derivative (torch.autograd.forward_ad dual tensors): it "
+            "computes reverse-mode gradients. Use torchdiffeq.odeint (backprop through the solver) for forward-mode "
+            "AD.")
+
+
+@dataclass
+class _Replay:
+    """What the backward pass needs to replay ``f`` as the forward pass saw it (see ``core.replay``)."""
+
+    autocast: AutocastState
+    buffers: BufferGuard
+    params: tuple[torch.Tensor, ...] = field(default_factory=tuple)
 
 
 class _SymplecticAdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, host: HostSolver, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
+        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules()))
         solution, trajectory = host.solve(y0, t)
-        slots = getattr(host, "returned_slots", None)
-        tensors, meta = trajectory.pack()
-        ctx.host = host
-        ctx.meta = meta
-        ctx.slots = slots
+        replay.buffers.after_forward()
+        tensors, structure = trajectory.pack()
+        ctx.host, ctx.structure, ctx.replay = host, structure, replay
+        ctx.slots = host.returned_slots
         ctx.num_params = len(params)
         # Saved through autograd so that the trajectory is freed with the graph (after backward unless
-        # retain_graph=True), and so that saved-tensor hooks see exactly what this method holds.
-        ctx.save_for_backward(t, solution, *params, *tensors)
+        # retain_graph=True), and so that saved-tensor hooks see exactly what this method holds. The solution
+        # itself is saved only for the t-gradient, so that the caller may write into it when t needs none.
+        saved_output = (solution,) if ctx.needs_input_grad[2] else ()
+        ctx.save_for_backward(t, *params, *tensors, *saved_output)
         return solution
 
     @staticmethod
@@ -86,17 +140,23 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
             raise NotImplementedError(
                 "The symplectic adjoint does not support double backward (create_graph=True). "
                 "Use torchdiffeq.odeint (backprop through the solver) for higher-order derivatives.")
-        t, output, *rest = ctx.saved_tensors
-        params, tensors = rest[:ctx.num_params], rest[ctx.num_params:]
-        trajectory = Trajectory.unpack(tensors, ctx.meta)
+        t, *rest = ctx.saved_tensors
+        params, rest = tuple(rest[:ctx.num_params]), rest[ctx.num_params:]
+        output = rest.pop() if ctx.needs_input_grad[2] else None
+        trajectory = Trajectory.unpack(rest, ctx.structure)
         host: HostSolver = ctx.host
+        replay: _Replay = ctx.replay
+        replay.params = params
         cotangents = _per_slot(grad_output, ctx.slots, len(t))
 
-        grad_y0, grad_params, lam_without_output0 = backward_sweep(host, trajectory, t, cotangents, params)
-        grad_t = None
-        if ctx.needs_input_grad[2]:
-            values = _per_slot(output, ctx.slots, len(t))
-            grad_t = time_gradient(host, t, trajectory.states[0], values, cotangents, lam_without_output0)
+        with replay.buffers.restoring():
+            grad_y0, grad_params, lam_without_output0 = backward_sweep(host, trajectory, t, cotangents, params,
+                                                                       replay)
+            grad_t = None
+            if output is not None:
+                values = _per_slot(output, ctx.slots, len(t))
+                with replay.autocast.entered():
+                    grad_t = time_gradient(host, t, trajectory.states[0], values, cotangents, lam_without_output0)
         return (None, grad_y0, grad_t, *grad_params)
 
 
@@ -111,39 +171,39 @@ def _per_slot(rows: torch.Tensor, slots: Sequence[int] | None, num_slots: int) -
 
 
 def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
-                   cotangents: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
-                   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+                   cotangents: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor],
+                   replay: _Replay | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Runs the reverse sweep over all accepted steps.
 
     Args:
         cotangents: per output slot (``len(t)`` of them), the cotangent of that slot's state (shaped like the
             state), or ``None`` where it is zero.
+        replay: what the forward pass saw (autocast state, ...); ``None``: no autocast, no buffers to guard.
     Returns:
         ``(∂L/∂y_0, [∂L/∂θ], λ_0 without the direct cotangent of output 0)``.
+    Raises:
+        RuntimeError: when a replayed step does not reproduce the forward pass's end state (see ``ReplayCheck``).
     """
     tableau = host.tableau
     s = tableau.num_stages
     y_init = trajectory.states[0]
     shape, dtype, device = y_init.shape, y_init.dtype, y_init.device
     numel = y_init.numel()
-    a_matrix, b_vector = tableau.tensors(dtype, device)
     params = tuple(params)
+    evaluate = _Evaluator(host, trajectory, replay, shape)
 
     lam = torch.zeros(numel, dtype=dtype, device=device)
     grad_params = [torch.zeros_like(p) for p in params]
-    stage_values = torch.zeros(s, numel, dtype=dtype, device=device)   # k_i, recomputed without graph
+    stage_values = torch.zeros(s, numel, dtype=dtype, device=device)   # k_i, replayed
     stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i
     mu = torch.zeros(s, numel, dtype=dtype, device=device)             # ∂L/∂Y_i
     carry_cotangent = None  # cotangent of the next step's first stage, when the host carried it from here
-    step_coefficients = getattr(host, "step_coefficients", None)
+    check = ReplayCheck(s, trajectory.num_steps, dtype, device)
+    checked = host.checked_entries
 
     for n in reversed(range(trajectory.num_steps)):
         y0 = trajectory.states[n].reshape(-1)
-        if step_coefficients is None:
-            h = trajectory.dt[n].to(dtype)
-            ha, hb = h * a_matrix, h * b_vector
-        else:
-            ha, hb = step_coefficients(trajectory, n)
+        ha, hb = host.step_coefficients(trajectory, n)
         calls = host.stage_calls(trajectory, n)
         first_is_carried = calls[0] is None
         outputs = trajectory.outputs_in_step.get(n, ())
@@ -156,7 +216,8 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         for j in outputs:
             if cotangents[j] is None:
                 continue
-            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, grad_params)
+            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, grad_params,
+                                                evaluate)
             lam = lam + g_y1
             grad_y0_from_outputs = g_y0 if grad_y0_from_outputs is None else grad_y0_from_outputs + g_y0
             for i, g in enumerate(g_k):
@@ -167,8 +228,8 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         if trajectory.stage_inputs is not None:  # the forward pass kept them
             inputs = trajectory.stage_inputs[n].reshape(s, numel)
         else:
-            inputs = _recompute_stage_inputs(host, calls, y0, ha, plan, trajectory.carried[n], stage_values,
-                                             stage_inputs, shape)
+            inputs = _recompute_stage_inputs(evaluate, n, calls, y0, ha, plan, trajectory.carried[n], stage_values,
+                                             stage_inputs)
 
         # The reverse stage sweep.
         mu.zero_()
@@ -183,20 +244,45 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
                 kappa = kappa + extra_kappa[i]
             if i == 0 and first_is_carried:
                 carry_cotangent = kappa
+                stage_values[0].copy_(trajectory.carried[n].reshape(-1))
                 continue
-            mu[i] = _vjp(host, calls[i], inputs[i].view(shape), kappa.view(shape), params, grad_params)
+            mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, grad_params, stage_values[i])
+        check.add_step(n, y0[checked], trajectory.states[n + 1].reshape(-1)[checked], hb, stage_values[:, checked])
         lam = lam + mu.sum(0)
         if grad_y0_from_outputs is not None:
             lam = lam + grad_y0_from_outputs
 
+    check.raise_if_failed(replay.buffers.suspects if replay is not None else ())
     lam_without_output0 = lam.view(shape)
     grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
     return grad_y0, grad_params, lam_without_output0
 
 
-def _recompute_stage_inputs(host: HostSolver, calls: Sequence[StageCall | None], y0: torch.Tensor,
+class _Evaluator:
+    """Evaluates ``f`` in the backward pass as the forward pass did: same autocast state, and for a stage that
+    drew random numbers, the same generator state (then the generators are put back)."""
+
+    def __init__(self, host: HostSolver, trajectory: Trajectory, replay: _Replay | None, shape: torch.Size):
+        self.host, self.trajectory, self.shape = host, trajectory, shape
+        self.autocast = replay.autocast.entered if replay is not None and replay.autocast.needs_entering() else None
+        self.params = replay.params if replay is not None else ()
+
+    def __call__(self, n: int | None, i: int | None, call: StageCall, y: torch.Tensor) -> torch.Tensor:
+        """``f`` at stage ``i`` of step ``n`` (``n = None``: not a stage, e.g. a dense-output evaluation)."""
+        rng = self.trajectory.rng_state(n, i) if n is not None else None
+        if rng is None and self.autocast is None:
+            return self.host.vector_field(call.t, y, call.kwargs)
+        with contextlib.ExitStack() as stack:
+            if self.autocast is not None:
+                stack.enter_context(self.autocast())
+            if rng is not None:
+                stack.enter_context(rng.restored())
+            return self.host.vector_field(call.t, y, call.kwargs)
+
+
+def _recompute_stage_inputs(evaluate: _Evaluator, n: int, calls: Sequence[StageCall | None], y0: torch.Tensor,
                             ha: torch.Tensor, plan: StagePlan, carried: torch.Tensor | None, stage_values: torch.Tensor,
-                            stage_inputs: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+                            stage_inputs: torch.Tensor) -> torch.Tensor:
     """Replays one step without a graph: the stage inputs ``Y_i`` the sweep differentiates at, and the stage
     values ``k_i`` they need (written into ``stage_values``). Returns ``stage_inputs`` (``(s, numel)``)."""
     stage_values.zero_()  # stages not recomputed enter later stage inputs with a zero coefficient: keep them finite
@@ -211,33 +297,37 @@ def _recompute_stage_inputs(host: HostSolver, calls: Sequence[StageCall | None],
             if i == 0 and calls[0] is None:
                 stage_values[0].copy_(carried.reshape(-1))
             else:
-                stage_values[i].copy_(host.vector_field(calls[i].t, stage_inputs[i].view(shape),
-                                                        calls[i].kwargs).reshape(-1))
+                stage_values[i].copy_(evaluate(n, i, calls[i], stage_inputs[i].view(evaluate.shape)).reshape(-1))
     return stage_inputs
 
 
-def _vjp(host: HostSolver, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,
-         params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]) -> torch.Tensor:
-    """``μ = κᵀ ∂f/∂y`` at one stage; adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of ``f``, freed on return."""
+def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,
+         params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat); adds ``κᵀ ∂f/∂θ`` into
+    ``grad_params`` and writes ``f``'s value into ``value``. One graph of ``f``, freed on return."""
     with torch.enable_grad():
-        y = y.detach().requires_grad_(True)
-        out = host.vector_field(call.t, y, call.kwargs)
+        y = y.detach().view(evaluate.shape).requires_grad_(True)
+        out = evaluate(n, i, call, y)
+        value.copy_(out.detach().reshape(-1))
         if not out.requires_grad:  # f ignores both y and θ
-            return torch.zeros_like(y).reshape(-1)
-        grads = torch.autograd.grad(out, (y, *params), cotangent, allow_unused=True)
+            return torch.zeros_like(value)
+        with hooks_suspended(params):
+            grads = torch.autograd.grad(out, (y, *params), cotangent.view(evaluate.shape), allow_unused=True)
     _accumulate(grad_params, grads[1:])
-    return torch.zeros_like(y).reshape(-1) if grads[0] is None else grads[0].reshape(-1)
+    return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
 
 
 def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, t_out: torch.Tensor,
-                      cotangent: torch.Tensor, params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]):
+                      cotangent: torch.Tensor, params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor],
+                      evaluate: _Evaluator):
     """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``; ``None`` for a
     stage the output does not depend on. The stages enter as zeros: dense output is linear in them."""
-    with torch.enable_grad():
+    with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
         y0 = trajectory.states[n].detach().requires_grad_(True)
         y1 = trajectory.states[n + 1].detach().requires_grad_(True)
         k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
+    with hooks_suspended(params):
         grads = torch.autograd.grad(out, (y0, y1, *k, *params), cotangent, allow_unused=True)
     g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
     g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]

@@ -2,15 +2,20 @@
 
 Memory held between forward and backward is this object: one state per accepted step (``O(N·|y|)``), a
 few scalars per step, and for hosts that carry a stage value from one step into the next without it being
-``f(t_{n+1}, y_{n+1})`` (torchdiffeq's ``fehlberg2`` and ``adaptive_heun``), that value too.
+``f(t_{n+1}, y_{n+1})`` (torchdiffeq's ``fehlberg2`` and ``adaptive_heun``), that value too. When the field
+draws random numbers, also the generator state each replayed evaluation must start from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from .replay import RngState
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,13 @@ class Trajectory:
             step's last stage instead of evaluating ``f`` at ``(t_n, y_n)``; ``None`` otherwise.
         outputs_in_step: step index -> indices of the requested output times the host produced inside
             that step (by dense output). Output 0 is ``y_0`` itself and belongs to no step.
-        host_data: anything else the adapter wants back in the backward pass (host-side, no tensors
-            that must be freed with the graph).
+        host_data: the adapter's own record of the solve (a dataclass the adapter defines, or ``None``);
+            the tensors in it are packed with the rest, so they are freed with the graph.
         stage_inputs: optionally, per step, the ``(s, *state_shape)`` stage inputs ``Y_i`` the host's forward
             pass evaluated ``f`` at. Holding them costs ``N·s·|y|`` instead of ``N·|y|`` and spares the
             backward pass the recomputation of every step (backprop + 1 forward instead of + 2).
+        stage_rng: optionally, per step, per stage, the random-number state the forward evaluation of that
+            stage started from, where it drew random numbers (``None`` where it drew none).
     """
 
     states: list[torch.Tensor]
@@ -50,35 +57,67 @@ class Trajectory:
     dt: torch.Tensor
     carried: list[torch.Tensor | None]
     outputs_in_step: dict[int, list[int]]
-    host_data: dict = field(default_factory=dict)
+    host_data: Any = None
     stage_inputs: list[torch.Tensor] | None = None
+    stage_rng: list[list[RngState | None]] | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.states) - 1
 
-    def state_bytes(self) -> int:
-        """Bytes of state-sized tensors held (states and carried stages)."""
-        tensors = [*self.states, *(c for c in self.carried if c is not None), *(self.stage_inputs or ())]
-        return sum(x.numel() * x.element_size() for x in tensors)
+    def rng_state(self, n: int, i: int) -> RngState | None:
+        """The random-number state stage ``i`` of step ``n`` started from, if it drew random numbers."""
+        if self.stage_rng is None:
+            return None
+        per_stage = self.stage_rng[n]
+        return per_stage[i] if i < len(per_stage) else None
 
-    # The autograd Function keeps the tensors in ``ctx.save_for_backward`` so that PyTorch frees them
-    # after backward (unless ``retain_graph=True``), exactly like the graph of backprop would be.
-    def pack(self) -> tuple[list[torch.Tensor], tuple]:
-        carried_at = [i for i, c in enumerate(self.carried) if c is not None]
-        stage_inputs = self.stage_inputs or []
-        tensors = [self.t0, self.t1, self.dt, *self.states, *(self.carried[i] for i in carried_at), *stage_inputs]
-        meta = (len(self.states), carried_at, self.outputs_in_step, self.host_data, self.stage_inputs is not None)
-        return tensors, meta
+    # The autograd Function keeps every tensor of the trajectory in ``ctx.save_for_backward`` so that PyTorch frees
+    # them after backward (unless ``retain_graph=True``), exactly like the graph of backprop would be, and so that
+    # saved-tensor hooks see all that this method holds.
+    def pack(self) -> tuple[list[torch.Tensor], Any]:
+        """``(tensors, structure)``: every tensor this trajectory holds, and the rest of it with placeholders."""
+        tensors: list[torch.Tensor] = []
+        return tensors, _strip(self, tensors)
 
     @classmethod
-    def unpack(cls, tensors: Sequence[torch.Tensor], meta: tuple) -> Trajectory:
-        num_states, carried_at, outputs_in_step, host_data, has_stage_inputs = meta
-        t0, t1, dt = tensors[:3]
-        states = list(tensors[3:3 + num_states])
-        rest = tensors[3 + num_states:]
-        carried: list[torch.Tensor | None] = [None] * (num_states - 1)
-        for i, value in zip(carried_at, rest):
-            carried[i] = value
-        stage_inputs = list(rest[len(carried_at):]) if has_stage_inputs else None
-        return cls(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs)
+    def unpack(cls, tensors: Sequence[torch.Tensor], structure: Any) -> Trajectory:
+        return _fill(structure, tensors)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value`` with each tensor replaced by a :class:`_Slot` into ``tensors`` (appended)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _Slot(len(tensors) - 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _strip(getattr(value, f.name), tensors) for f in dataclasses.fields(value)}
+        return (type(value), fields)
+    if isinstance(value, list):
+        return [_strip(v, tensors) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_strip(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _strip(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _fill(structure: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    if isinstance(structure, _Slot):
+        return tensors[structure.index]
+    if isinstance(structure, tuple) and len(structure) == 2 and isinstance(structure[0], type) \
+            and dataclasses.is_dataclass(structure[0]):
+        cls, fields = structure
+        return cls(**{name: _fill(v, tensors) for name, v in fields.items()})
+    if isinstance(structure, list):
+        return [_fill(v, tensors) for v in structure]
+    if isinstance(structure, tuple):
+        return tuple(_fill(v, tensors) for v in structure)
+    if isinstance(structure, dict):
+        return {k: _fill(v, tensors) for k, v in structure.items()}
+    return structure

@@ -1,0 +1,282 @@
+"""What the backward pass's replay of the vector field must see again, and must not leave behind.
+
+The symplectic adjoint evaluates ``f`` a second (and third) time in the backward pass. Like
+``torch.utils.checkpoint``, it promises that each replayed evaluation sees what the forward evaluation saw and
+that the replay has no side effects the forward pass did not have. This module is that promise, in one place:
+
+- **Random numbers**: :class:`RandomnessWatch` notes, for each forward evaluation that drew random numbers
+  (Dropout, ``torch.randn``), the generator state it started from (:class:`RngState`); the replay of that
+  evaluation restores it and then puts the generator back. Evaluations that draw nothing cost no memory.
+- **Autocast**: :class:`AutocastState` is captured when the forward pass starts and re-entered around every
+  replayed evaluation (and only there: the sweep's own arithmetic stays in the state's dtype).
+- **Hooks on parameters**: the per-stage vector–Jacobian products run with the parameters' tensor hooks
+  suspended (:func:`hooks_suspended`), so a hook fires once, on the total gradient, as with backprop.
+- **Module buffers**: :class:`BufferGuard` restores, after the backward pass, every buffer the forward pass
+  updated in place (BatchNorm's running statistics...), so buffers end as backprop leaves them. A module that
+  changes the function itself per call (``spectral_norm`` in training mode) cannot be replayed: refused.
+- **A check that the replay reproduced the forward pass**: :class:`ReplayCheck` recomputes each step's end
+  state from the replayed stage values and compares it with the stored one; a field that is not the same
+  function in the backward pass (state mutated per call, attributes changed between forward and backward)
+  fails loudly instead of giving a silently wrong gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AutocastState", "BufferGuard", "RandomnessWatch", "ReplayCheck", "RngState", "hooks_suspended"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Random numbers
+
+@dataclass(frozen=True)
+class RngState:
+    """The state of the CPU generator and, for a CUDA state, of that device's generator.
+
+    Attributes:
+        cpu: ``torch.get_rng_state()`` (a ``uint8`` tensor of 5056 bytes).
+        cuda: ``torch.cuda.get_rng_state(device)`` for the state's CUDA device, or ``None``.
+        cuda_device: that device's index, or ``None``.
+    """
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None = None
+    cuda_device: int | None = None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RngState:
+        if device.type == "cuda":
+            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device), device.index)
+        return cls(torch.get_rng_state())
+
+    def same_as(self, other: RngState) -> bool:
+        if not torch.equal(self.cpu, other.cpu):
+            return False
+        return self.cuda is None or torch.equal(self.cuda, other.cuda)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.cpu] if self.cuda is None else [self.cpu, self.cuda]
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], cuda_device: int | None) -> RngState:
+        return cls(tensors[0], tensors[1] if len(tensors) > 1 else None, cuda_device)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """Runs the block from this state, then puts the generators back where they were."""
+        device = torch.device("cuda", self.cuda_device) if self.cuda is not None else None
+        before = RngState.capture(device) if device is not None else RngState(torch.get_rng_state())
+        self._set()
+        try:
+            yield
+        finally:
+            before._set()
+
+    def _set(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, torch.device("cuda", self.cuda_device))
+
+
+class RandomnessWatch:
+    """Runs forward evaluations of ``f`` and tells which ones drew random numbers.
+
+    ``call`` returns ``f``'s value and the :class:`RngState` the evaluation started from if it changed the
+    generators (``None`` otherwise: a deterministic field holds nothing).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def call(self, fn: Callable[..., torch.Tensor], *args, **kwargs) -> tuple[torch.Tensor, RngState | None]:
+        before = RngState.capture(self.device)
+        out = fn(*args, **kwargs)
+        after = RngState.capture(self.device)
+        return out, (None if before.same_as(after) else before)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Autocast
+
+_DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Which autocast contexts were active (device type -> dtype), and the autocast cache flag."""
+
+    enabled: tuple[tuple[str, torch.dtype], ...]
+    cache: bool
+
+    @classmethod
+    def capture(cls) -> AutocastState:
+        enabled = tuple((device, _autocast_dtype(device)) for device in _DEVICE_TYPES if _autocast_enabled(device))
+        return cls(enabled, torch.is_autocast_cache_enabled())
+
+    def needs_entering(self) -> bool:
+        """Whether a replay must change the autocast state it finds (captured on, or some autocast on now)."""
+        return bool(self.enabled) or any(_autocast_enabled(device) for device in _DEVICE_TYPES)
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Re-enters exactly the captured autocast state (and leaves any other autocast of the caller off)."""
+        with contextlib.ExitStack() as stack:
+            active = dict(self.enabled)
+            for device in _DEVICE_TYPES:
+                if device in active:
+                    stack.enter_context(torch.autocast(device, dtype=active[device], cache_enabled=self.cache))
+                elif _autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            yield
+
+
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4: one function per device type
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+
+def _autocast_dtype(device: str) -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype(device)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hooks on parameters
+
+@contextlib.contextmanager
+def hooks_suspended(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Suspends the tensor hooks (``register_hook``) of leaf tensors for the block.
+
+    The sweep takes one vector–Jacobian product per stage with respect to the parameters and returns their sum;
+    autograd then runs the parameters' hooks on that sum. Without this, a hook would also run on every per-stage
+    product (``p.register_hook(lambda g: 2 * g)`` would double each term and then the total). Only parameters that
+    have hooks are touched. Another thread differentiating the same parameter during the block would not see its
+    hooks either: the same caveat as any code that swaps hooks.
+    """
+    hooked = [(p, p._backward_hooks) for p in tensors if p._backward_hooks]
+    for p, _ in hooked:
+        p._backward_hooks = None
+    try:
+        yield
+    finally:
+        for p, hooks in hooked:
+            p._backward_hooks = hooks
+
+
+# --------------------------------------------------------------------------------------------------------
+# Module buffers
+
+_RUNNING_STATISTICS = (torch.nn.modules.batchnorm._NormBase,)  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+
+
+def _changes_function(module: torch.nn.Module, buffer_name: str) -> bool:
+    """Whether an in-place update of this buffer during a solve changes what the module computes."""
+    if isinstance(module, _RUNNING_STATISTICS):
+        # In training mode normalisation uses the batch's statistics; the running ones are only written.
+        return False
+    spectral = buffer_name.endswith("_u") or buffer_name.endswith("_v")
+    return spectral and (any(type(h).__name__ == "SpectralNorm" for h in module._forward_pre_hooks.values())
+                         or type(module).__name__ == "_SpectralNorm")
+
+
+class BufferGuard:
+    """Notices which module buffers the forward solve updates in place, and undoes the replay's updates.
+
+    Usage: ``guard = BufferGuard(modules)`` before the forward solve, ``guard.after_forward()`` after it (raises
+    if a module changes its own function per call), then ``with guard.restoring(): <backward sweep>``.
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module]):
+        self._buffers = [(f"{type(m).__name__}.{name}", m, name, b)
+                         for m in _unique_modules(modules) for name, b in m.named_buffers(recurse=False)]
+        self._versions = [b._version for *_, b in self._buffers]
+        self.updated: list[torch.Tensor] = []
+        self.suspects: list[str] = []
+
+    def after_forward(self) -> None:
+        changed = [(label, m, name, b) for (label, m, name, b), v in zip(self._buffers, self._versions)
+                   if b._version != v]
+        function_changing = [label for label, m, name, _ in changed if _changes_function(m, name)]
+        if function_changing:
+            raise ValueError(
+                f"the vector field changes its own function on every call ({', '.join(function_changing)} was updated "
+                "in place during the solve: spectral_norm's power iteration in training mode). The symplectic adjoint "
+                "evaluates f again in the backward pass and would differentiate different weights than the forward "
+                "pass used. Put those modules in eval mode for the solve (module.eval()), or use backprop "
+                "(torchdiffeq.odeint / sensitivity='autograd').")
+        # Normalisation layers update their running statistics inside the kernel, without bumping the version
+        # counter: in training mode they are updated on every call, so they count as updated whatever it says.
+        running = [b for _, m, name, b in self._buffers
+                   if isinstance(m, _RUNNING_STATISTICS) and m.training and m.track_running_stats]
+        self.updated = list({id(b): b for b in [*(b for *_, b in changed), *running]}.values())
+        self.suspects = [label for label, m, name, _ in changed if not isinstance(m, _RUNNING_STATISTICS)]
+        self._buffers, self._versions = [], []
+
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Runs the block and then puts the updated buffers back to their values at its start."""
+        saved = [b.detach().clone() for b in self.updated]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, value in zip(self.updated, saved):
+                    b.copy_(value)
+
+
+def _unique_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    seen: dict[int, torch.nn.Module] = {}
+    for root in modules:
+        for m in root.modules():
+            seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Did the replay reproduce the forward pass?
+
+class ReplayCheck:
+    """Compares each replayed step's end state ``y_n + Σ h b_i k_i`` with the stored ``y_{n+1}``.
+
+    The forward pass formed the same sum from the same stage values, in its own order of operations, so the
+    two agree to a few units of rounding per term: the tolerance is ``64·s·eps·(max|y_n| + Σ |h b_i| max|k_i|)``.
+    A larger difference means the field was not the same function in the replay. The figures of every step are
+    kept on the device and read once, after the sweep (no host synchronisation per step).
+    """
+
+    def __init__(self, num_stages: int, num_steps: int, dtype: torch.dtype, device: torch.device):
+        self.rounding = 64 * num_stages * torch.finfo(dtype).eps
+        self.deviation = torch.zeros(num_steps, dtype=dtype, device=device)
+        self.scale = torch.zeros(num_steps, dtype=dtype, device=device)
+
+    def add_step(self, n: int, y0: torch.Tensor, y1: torch.Tensor, hb: torch.Tensor, k: torch.Tensor) -> None:
+        """``y0``, ``y1``: ``(numel,)``; ``hb``: ``(s,)``; ``k``: ``(s, numel)`` replayed stage values."""
+        if y0.numel() == 0:
+            return
+        self.deviation[n] = torch.addmv(y0, k.T, hb).sub_(y1).abs_().max()
+        self.scale[n] = torch.dot(k.abs().amax(dim=1), hb.abs()) + y0.abs().max()
+
+    def raise_if_failed(self, suspects: Sequence[str] = ()) -> None:
+        if not len(self.deviation):
+            return
+        excess = self.deviation - self.rounding * self.scale
+        worst = int(excess.argmax())
+        if not bool(excess[worst] > 0):
+            return
+        hint = f" Buffers updated in place during the solve: {', '.join(suspects)}." if suspects else ""
+        raise RuntimeError(
+            f"the backward pass's replay of step {worst} did not reproduce the forward pass (its end state differs by "
+            f"{float(self.deviation[worst]):.3g}, more than rounding): the vector field was not the same function in "
+            "the backward pass, and the gradient would be wrong. Causes: a module that changes its state on every "
+            "call, attributes or parameters changed between the forward pass and backward(), or nondeterministic "
+            f"operations.{hint} Use backprop (torchdiffeq.odeint / sensitivity='autograd') for such a field, or make "
+            "it a pure function of (t, y) and its parameters during the solve.")

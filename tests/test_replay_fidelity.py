@@ -1,0 +1,353 @@
+"""The backward pass replays the vector field as the forward pass saw it, like ``torch.utils.checkpoint`` promises.
+
+Each test compares with backprop through the same steps (``torchdiffeq.odeint`` / torchdyn ``sensitivity="autograd"``,
+fixed-grid solvers or a fixed ``first_step``), whose backward pass re-runs no user code: randomness drawn by the field,
+autocast, hooks on parameters, module buffers, in-place edits of the solution, and a field that changes between the
+forward pass and ``backward()``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchdiffeq
+from torch import nn
+
+import symadj_plugins
+from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+
+torchdyn = pytest.importorskip("torchdyn")
+from torchdyn.core import NeuralODE  # noqa: E402
+
+T = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
+FIXED_GRID = dict(method="rk4", options=dict(step_size=0.125))
+ADAPTIVE = dict(method="dopri5", rtol=1e-6, atol=1e-8, options=dict(first_step=0.05))
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    symadj_plugins.register()
+    yield
+    symadj_plugins.unregister()
+
+
+def _relative_error(a, b):
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-300)) for x, y in zip(a, b))
+
+
+class NoisyField(nn.Module):
+    """A field that draws random numbers on every call: Dropout and additive noise."""
+
+    def __init__(self, dim=4, width=32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Dropout(0.3), nn.Linear(width, dim))
+
+    def forward(self, t, y, args=None):  # args: torchdyn passes it to fields that take t
+        return self.net(y) + 0.05 * torch.randn_like(y)
+
+
+def _solve_both(field, y0, solve_ours, solve_reference, seed=7):
+    """Forward + backward by ours and by the reference from the same random state; returns outputs, gradients and
+    the next random number after each (backprop's backward draws none, and neither may ours)."""
+    results = []
+    for solve in (solve_ours, solve_reference):
+        torch.manual_seed(seed)
+        y = y0.clone().requires_grad_(True)
+        out = solve(field, y)
+        grads = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+        results.append((out.detach(), grads, torch.rand(())))
+    return results
+
+
+# A field that draws fresh noise per call defeats an error controller at tight tolerances: loose ones for dopri5.
+NOISY_ADAPTIVE = dict(method="dopri5", rtol=1e-2, atol=1e-2, options=dict(first_step=0.05))
+
+
+@pytest.mark.parametrize("config", [FIXED_GRID, NOISY_ADAPTIVE], ids=["rk4", "dopri5"])
+def test_random_numbers_drawn_by_the_field_are_replayed_torchdiffeq(config):
+    torch.manual_seed(0)
+    field = NoisyField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    (out, grads, after), (ref_out, ref_grads, ref_after) = _solve_both(
+        field, y0, lambda f, y: odeint_symplectic_adjoint(f, y, T, **config),
+        lambda f, y: torchdiffeq.odeint(f, y, T, **config))
+    assert torch.equal(out, ref_out)
+    assert _relative_error(grads, ref_grads) < 1e-10
+    assert torch.equal(after, ref_after)  # the replay put the generator back
+
+
+def test_random_numbers_drawn_by_the_field_are_replayed_torchdyn():
+    torch.manual_seed(0)
+    field = NoisyField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 9, dtype=torch.float64)
+
+    def solve(sensitivity):
+        model = NeuralODE(field, solver="rk4", sensitivity=sensitivity, return_t_eval=False)
+        return lambda f, y: model(y, t_span)
+
+    (out, grads, after), (ref_out, ref_grads, ref_after) = _solve_both(
+        field, y0, solve("symplectic_adjoint"), solve("autograd"))
+    assert torch.equal(out, ref_out)
+    assert _relative_error(grads, ref_grads) < 1e-10
+    assert torch.equal(after, ref_after)
+
+
+def test_deterministic_field_keeps_no_random_state():
+    field = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
+    y0 = torch.randn(3, 4, dtype=torch.float64)
+    host_solve = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
+    seen = []
+
+    def spy(self, y, t):
+        solution, trajectory = host_solve(self, y, t)
+        seen.append(trajectory.stage_rng)
+        return solution, trajectory
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
+        odeint_symplectic_adjoint(lambda t, y: field(y), y0, T, adjoint_params=tuple(field.parameters()),
+                                  **FIXED_GRID)
+    assert seen == [None]
+
+
+def test_cubic_interpolation_with_random_numbers_is_refused():
+    field = NoisyField().double()
+    y0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="interp='cubic'"):
+        odeint_symplectic_adjoint(field, y0, T, method="rk4", options=dict(step_size=0.125, interp="cubic"))
+
+
+class MLPField(nn.Module):
+    def __init__(self, dim=4, width=32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim))
+
+    def forward(self, t, y, args=None):
+        return self.net(y).to(y.dtype)
+
+
+@pytest.mark.parametrize("cache_enabled", [False, True], ids=["no weight cache", "weight cache"])
+def test_autocast_state_of_the_forward_pass_is_re_entered(cache_enabled):
+    torch.manual_seed(1)
+    field = MLPField()
+    y0 = torch.randn(16, 4)
+    grads = {}
+    for name, solve in (("ours", odeint_symplectic_adjoint), ("backprop", torchdiffeq.odeint)):
+        y = y0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled):
+            out = solve(field, y, T.float(), **FIXED_GRID)
+        grads[name] = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))  # outside autocast, as usual
+    # Replayed in float32 instead, the end states differ (the replay check raises) and the gradients by 3e-3.
+    assert _relative_error(grads["ours"][:1], grads["backprop"][:1]) < 1e-6
+    # With autocast's weight cache, backprop casts each weight to bf16 once and sums the gradients of all the stages
+    # that used it in bf16 before casting back; the replay casts per stage and sums in float32. Without the cache both
+    # sum in float32.
+    assert _relative_error(grads["ours"][1:], grads["backprop"][1:]) < (3e-2 if cache_enabled else 1e-6)
+
+
+class HookCounter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, grad):
+        self.calls += 1
+        return 2 * grad
+
+
+def _hooked_gradients(solve, field, y0):
+    counters = [HookCounter() for _ in field.parameters()]
+    handles = [p.register_hook(c) for p, c in zip(field.parameters(), counters)]
+    try:
+        y = y0.clone().requires_grad_(True)
+        solve(field, y).pow(2).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad(set_to_none=True)
+    return grads, [c.calls for c in counters]
+
+
+def test_parameter_hooks_fire_once_on_the_total_gradient_torchdiffeq():
+    torch.manual_seed(2)
+    field = MLPField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    ours, ours_calls = _hooked_gradients(lambda f, y: odeint_symplectic_adjoint(f, y, T, **ADAPTIVE), field, y0)
+    ref, ref_calls = _hooked_gradients(lambda f, y: torchdiffeq.odeint(f, y, T, **ADAPTIVE), field, y0)
+    assert ours_calls == [1] * len(ref) and ref_calls == [1] * len(ref)
+    assert _relative_error(ours, ref) < 1e-10
+
+
+def test_parameter_hooks_fire_once_on_the_total_gradient_torchdyn():
+    torch.manual_seed(2)
+    field = MLPField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 9, dtype=torch.float64)
+
+    def solve(sensitivity):
+        model = NeuralODE(field, solver="rk4", sensitivity=sensitivity, return_t_eval=False)
+        return lambda f, y: model(y, t_span)
+
+    ours, ours_calls = _hooked_gradients(solve("symplectic_adjoint"), field, y0)
+    ref, ref_calls = _hooked_gradients(solve("autograd"), field, y0)
+    assert ours_calls == [1] * len(ref) and ref_calls == [1] * len(ref)
+    assert _relative_error(ours, ref) < 1e-10
+
+
+class BatchNormField(nn.Module):
+    def __init__(self, dim=4, width=16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, width), nn.BatchNorm1d(width), nn.Tanh(), nn.Linear(width, dim))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+@pytest.mark.parametrize("config", [FIXED_GRID, ADAPTIVE], ids=["rk4", "dopri5"])
+def test_batchnorm_running_statistics_end_as_backprop_leaves_them(config):
+    torch.manual_seed(3)
+    y0 = torch.randn(16, 4, dtype=torch.float64)
+    states, grads = {}, {}
+    for name, solve in (("ours", odeint_symplectic_adjoint), ("backprop", torchdiffeq.odeint)):
+        torch.manual_seed(4)
+        field = BatchNormField().double().train()
+        y = y0.clone().requires_grad_(True)
+        out = solve(field, y, T, **config)
+        grads[name] = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+        states[name] = {k: v.clone() for k, v in field.state_dict().items()}
+    bn = "net.1."
+    assert int(states["ours"][bn + "num_batches_tracked"]) == int(states["backprop"][bn + "num_batches_tracked"])
+    for key in ("running_mean", "running_var"):
+        assert torch.equal(states["ours"][bn + key], states["backprop"][bn + key])
+    # The first Linear's bias has a zero gradient (BatchNorm removes the mean): both are rounding noise there.
+    without_bias = [0, 1, *range(3, len(grads["ours"]))]
+    assert _relative_error(*([g[i] for i in without_bias] for g in (grads["ours"], grads["backprop"]))) < 1e-10
+    assert float(grads["ours"][2].abs().max()) < 1e-12 * float(grads["backprop"][1].abs().max())
+
+
+@pytest.mark.parametrize("parametrization", ["hook", "parametrize"])
+def test_spectral_norm_in_training_mode_is_refused(parametrization):
+    torch.manual_seed(5)
+    norm = nn.utils.spectral_norm if parametrization == "hook" else nn.utils.parametrizations.spectral_norm
+    net = nn.Sequential(norm(nn.Linear(4, 4)), nn.Tanh()).double()
+    y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    # A plain function around the module: the adapter cannot see the module. Either the weights moved by more than
+    # rounding during the solve and the replay check raises (spectral_norm's hook starts from a random u), or they did
+    # not and the gradient is backprop's (the parametrization converges its power iteration when it is created).
+    reference = copy.deepcopy(net)
+    out = odeint_symplectic_adjoint(lambda t, y: net(y), y0, T, adjoint_params=tuple(net.parameters()), **FIXED_GRID)
+    if parametrization == "hook":
+        with pytest.raises(RuntimeError, match="did not reproduce the forward pass"):
+            torch.autograd.grad(out.sum(), y0)
+    else:
+        ref = torchdiffeq.odeint(lambda t, y: reference(y), y0, T, **FIXED_GRID)
+        assert _relative_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
+    # A module field: its buffers are watched, and the power iteration's updates are refused in the forward pass.
+    with pytest.raises(ValueError, match="changes its own function on every call.*eval mode"):
+        odeint_symplectic_adjoint(_ModuleField(net), y0, T, **FIXED_GRID)
+    net.eval()  # fixed weights: exact
+    out = odeint_symplectic_adjoint(_ModuleField(net), y0, T, **FIXED_GRID)
+    ref = torchdiffeq.odeint(_ModuleField(net), y0, T, **FIXED_GRID)
+    assert _relative_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
+
+
+class _ModuleField(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+class CountingField(MLPField):
+    """Counts its evaluations in a buffer, as FFJORD's ODEfunc does: a buffer updated in place that does not change
+    the function."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("num_evals", torch.tensor(0.0))
+
+    def forward(self, t, y, args=None):
+        self.num_evals += 1
+        return super().forward(t, y)
+
+
+def test_a_buffer_that_does_not_change_the_function_is_fine_and_ends_as_backprop_leaves_it():
+    torch.manual_seed(6)
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    evals, grads = {}, {}
+    for name, solve in (("ours", odeint_symplectic_adjoint), ("backprop", torchdiffeq.odeint)):
+        torch.manual_seed(6)
+        field = CountingField().double()
+        y = y0.clone().requires_grad_(True)
+        out = solve(field, y, T, **FIXED_GRID)
+        grads[name] = torch.autograd.grad(out.sum(), (y, *field.parameters()))
+        evals[name] = float(field.num_evals)
+    assert evals["ours"] == evals["backprop"] == 4 * 8
+    assert _relative_error(grads["ours"], grads["backprop"]) < 1e-10
+
+
+class ScaledField(MLPField):
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, t, y, args=None):
+        return self.scale * super().forward(t, y)
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+def test_a_field_changed_between_forward_and_backward_fails_loudly(adapter):
+    torch.manual_seed(7)
+    field = ScaledField().double()
+    y0 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    if adapter == "torchdiffeq":
+        out = odeint_symplectic_adjoint(field, y0, T, **ADAPTIVE)
+    else:
+        model = NeuralODE(field, solver="dopri5", sensitivity="symplectic_adjoint", return_t_eval=False)
+        out = model(y0, torch.linspace(0, 1, 3, dtype=torch.float64))
+    field.scale = 1.001  # e.g. an attribute a training loop sets per epoch, set before backward()
+    with pytest.raises(RuntimeError, match="did not reproduce the forward pass"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+def test_writing_into_the_solution_before_backward_works_as_with_backprop(adapter):
+    torch.manual_seed(8)
+    field = MLPField().double()
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 9, dtype=torch.float64)
+    grads = {}
+    for name in ("ours", "backprop"):
+        y = y0.clone().requires_grad_(True)
+        if adapter == "torchdiffeq":
+            solve = odeint_symplectic_adjoint if name == "ours" else torchdiffeq.odeint
+            out = solve(field, y, T, **FIXED_GRID)
+        else:
+            sensitivity = "symplectic_adjoint" if name == "ours" else "autograd"
+            out = NeuralODE(field, solver="rk4", sensitivity=sensitivity, return_t_eval=False)(y, t_span)
+        out[0] = 0.0
+        out[-1] *= 2.0
+        grads[name] = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+    assert _relative_error(grads["ours"], grads["backprop"]) < 1e-10
+
+
+def test_torch_func_transforms_and_forward_mode_get_a_clear_error():
+    field = MLPField().double()
+    y0 = torch.randn(3, 4, dtype=torch.float64)
+
+    def final_sum(y):
+        return odeint_symplectic_adjoint(field, y, T, **FIXED_GRID)[-1].sum()
+
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(final_sum)(y0)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.vmap(final_sum)(y0[None].expand(2, 3, 4))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(y0, torch.ones_like(y0))
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            final_sum(dual)
