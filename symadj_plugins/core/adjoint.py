@@ -1,4 +1,4 @@
-"""The symplectic adjoint: the exact reverse sweep of an explicit Runge–Kutta solve (DESIGN.md §2).
+"""The symplectic adjoint: the exact reverse sweep of an explicit Runge–Kutta solve (docs/design.md, section 1).
 
 This is the only module that holds the mathematics. It knows nothing of any host library: an adapter
 supplies a :class:`HostSolver` that runs the host's own forward solve, says where each stage is evaluated
