@@ -2,7 +2,7 @@
 
 Replace ``MyField``, ``y0``, ``t`` and ``loss`` below with your own (any ``nn.Module`` ``f(t, y)`` and a scalar
 loss of ``y(T)``); the script measures peak memory, time, function evaluations and gradient error of each
-method side by side (``symadj_plugins.bench.compare``), prints the table and a short recommendation, and writes
+method side by side (``symadj_plugins.bench.api.compare``), prints the table and a short recommendation, and writes
 a bar chart.
 
     python examples/which_gradient.py                 # ~1 min on CPU, writes bench_out/examples/which_gradient.png
