@@ -146,8 +146,8 @@ class _Planner(cst.CSTVisitor):
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
         if node.name.value in CALLBACKS_ADJOINT:
             self.note(self.line_of(node), f"`{node.name.value}` is never called with adjoint_method=\"symplectic\": "
-                                        "torchdiffeq calls it during the continuous adjoint's backward solve, which "
-                                        "the symplectic adjoint does not have; see MIGRATION.md")
+                                          "torchdiffeq calls it during the continuous adjoint's backward solve, which "
+                                          "the symplectic adjoint does not have; see MIGRATION.md")
 
     # -- names used other than by calling them -------------------------------------------------------------
     def visit_Name(self, node: cst.Name) -> None:
@@ -166,7 +166,7 @@ class _Planner(cst.CSTVisitor):
             if function in TSA_MOVES and node not in self._callees:
                 self.plan.bad_tsa_bindings.add(node.value)
                 self.note(self.line_of(node), f"`{node.value}` ({TSA}.{function}) is used other than by calling "
-                                            f"it; kept on the {TSA} compat package")
+                                              f"it; kept on the {TSA} compat package")
 
     def visit_Attribute(self, node: cst.Attribute) -> None:
         """``torchdiffeq.odeint_adjoint`` (through any module alias) used as a value."""
@@ -213,7 +213,7 @@ class _Planner(cst.CSTVisitor):
             if (isinstance(call, cst.Call) and call.args and call.args[0] is parent and parent.keyword is None
                     and FUNCTOOLS_PARTIAL in self._qualified(call.func)):
                 return _Value(node, line, _PARTIAL, call, call, self.line_of(call))
-            return _Value(node, line, _WRAP, call)
+            return _Value(node, line, _WRAP if isinstance(call, cst.Call) else None, call)  # not a class's bases
         stored = {cst.Assign: "value", cst.AnnAssign: "value", cst.Return: "value", cst.Element: "value",
                   cst.DictElement: "value", cst.Param: "default", cst.Lambda: "body", cst.Yield: "value",
                   cst.NamedExpr: "value", cst.IfExp: ("body", "orelse")}
@@ -262,7 +262,7 @@ class _Planner(cst.CSTVisitor):
                 return
             if function in TSA_STAYS:
                 self.note(self.line_of(node), f"{TSA}.{function} has no symadj-plugins counterpart; it stays on the "
-                                            f"{TSA} compat package that symadj-plugins installs",
+                                              f"{TSA} compat package that symadj-plugins installs",
                           once_key=f"stays:{function}")
                 return
         if any(c.is_torchdyn_class(name) for name in names) or self._torchdyn_star_call(node):
