@@ -213,7 +213,9 @@ class _Planner(cst.CSTVisitor):
             if (isinstance(call, cst.Call) and call.args and call.args[0] is parent and parent.keyword is None
                     and FUNCTOOLS_PARTIAL in self._qualified(call.func)):
                 return _Value(node, line, _PARTIAL, call, call, self.line_of(call))
-            return _Value(node, line, _WRAP if isinstance(call, cst.Call) else None, call)  # not a class's bases
+            if not isinstance(call, cst.Call):  # a class's bases
+                return _Value(node, line, None, node)
+            return _Value(node, line, _WRAP, call)
         stored = {cst.Assign: "value", cst.AnnAssign: "value", cst.Return: "value", cst.Element: "value",
                   cst.DictElement: "value", cst.Param: "default", cst.Lambda: "body", cst.Yield: "value",
                   cst.NamedExpr: "value", cst.IfExp: ("body", "orelse")}
@@ -242,9 +244,11 @@ class _Planner(cst.CSTVisitor):
                                   "adjoint does not support event_fn; it stays on torchdiffeq's continuous adjoint",
                       unmigrated=True)
         else:
-            self.note(value.line, f"`{self.code(value.around)}`: `{code}` used in a way the codemod does not "
-                                  "rewrite (where it is stored or passed on, it becomes functools.partial(..., "
-                                  'adjoint_method="symplectic")); check this use by hand', unmigrated=True)
+            around = self.code(value.around).strip().splitlines()[0]
+            where = "" if value.around is value.node else f"`{around}`: "
+            self.note(value.line, f"{where}`{code}` used in a way the codemod does not rewrite (where it is stored "
+                                  'or passed on, it becomes functools.partial(..., adjoint_method="symplectic")); '
+                                  "check this use by hand", unmigrated=True)
 
     # -- calls ------------------------------------------------------------------------------------------
     def visit_Call(self, node: cst.Call) -> None:
