@@ -4,6 +4,8 @@ Fixtures are ``tests/fixtures/migrate/NAME.py.before`` (code as users have it) a
 codemod must produce). They are not ``.py`` files so that linters and test collection leave them alone.
 """
 
+import importlib.util
+import json
 import os
 import shutil
 import stat
@@ -100,11 +102,19 @@ def test_what_cannot_be_resolved_is_left_alone_and_reported():
     assert any("classical RK4" in n for n in notes)
 
 
+def _unmigrated_count(name: str) -> int:
+    _, notes = migrate.migrate_source(_before(name))
+    return sum(": not migrated: " in n for n in notes)
+
+
 def test_without_write_prints_a_diff_and_changes_nothing(tmp_path, capsys):
     paths = _copy_cases(tmp_path)
     stamps = {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in paths.items()}
-    assert migrate.main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    assert migrate.main([str(tmp_path)]) == 1  # some fixtures hold places it cannot switch (exit status 1)
+    captured = capsys.readouterr()
+    left = sum(_unmigrated_count(name) for name in CASES)
+    assert left == 6 and f"{left} place(s) not migrated" in captured.err
+    out = captured.out
     assert "+from symadj_plugins.torchdiffeq import odeint_adjoint" in out and out.startswith("--- ")
     for name, p in paths.items():
         assert (p.read_bytes(), p.stat().st_mtime_ns) == stamps[name]
@@ -113,14 +123,18 @@ def test_without_write_prints_a_diff_and_changes_nothing(tmp_path, capsys):
 def test_write_rewrites_whole_files_and_keeps_permissions(tmp_path, capsys):
     paths = _copy_cases(tmp_path)
     paths["torchdyn_model"].chmod(0o640)
-    assert migrate.main([str(tmp_path), "--write"]) == 0
+    assert migrate.main([str(tmp_path), "--write"]) == 1  # the places it cannot switch are still reported
     for name, p in paths.items():
         assert p.read_bytes() == _after(name), name
     assert stat.S_IMODE(paths["torchdyn_model"].stat().st_mode) == 0o640
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".symadj-migrate-")]  # no temp files left
     capsys.readouterr()
-    assert migrate.main([str(tmp_path), "--write"]) == 0
+    assert migrate.main([str(tmp_path), "--write"]) == 1  # ... and again on the second run
     assert "0 file(s) rewritten" in capsys.readouterr().err
+    clean = [name for name in CASES if _unmigrated_count(name) == 0]
+    for name in set(CASES) - set(clean):
+        paths[name].unlink()
+    assert len(clean) >= 5 and migrate.main([str(tmp_path)]) == 0
 
 
 def test_unparsable_file_is_reported_and_left_untouched(tmp_path, capsys):
@@ -162,3 +176,204 @@ def test_module_entry_point(tmp_path):
     assert "+model = NeuralODE(f, sensitivity='symplectic_adjoint'" in proc.stdout
     assert "broken.py: error: cannot parse" in proc.stderr
     assert path.read_bytes() == _before("torchdyn_model")
+
+
+# -- odeint_adjoint used as a value ----------------------------------------------------------------------------
+
+def test_values_of_odeint_adjoint_are_wrapped():
+    after = _after("torchdiffeq_values").decode()
+    wrapped = 'functools.partial(odeint_adjoint, adjoint_method="symplectic")'
+    assert f"self.odeint = {wrapped} if adjoint else odeint" in after          # conditional assignment
+    assert f"solver = {wrapped}\n" in after                                      # plain assignment
+    assert f'SOLVERS = {{"adjoint": {wrapped}, "backprop": odeint}}' in after  # container element
+    assert f"solve={wrapped}):" in after                                         # default argument
+    assert f"a = run({wrapped}, func" in after                                   # positional argument
+    assert ('run(integrate=functools.partial(symadj_plugins.torchdiffeq.odeint_adjoint, '
+            'adjoint_method="symplectic"), func=func' in after)                  # keyword argument, module style
+    # functools.partial(odeint_adjoint, ...) gets the keyword itself (adjoint-only arguments removed)
+    assert 'tight = partial(odeint_adjoint, rtol=1e-9, adjoint_method="symplectic")' in after
+    assert 'loose = partial(symadj_plugins.torchdiffeq.odeint_adjoint, rtol=1e-3, adjoint_method="symplectic")' in after
+    assert "import functools\n" in after and "import symadj_plugins.torchdiffeq\n" in after
+    code = "\n".join(line for line in after.splitlines() if not line.lstrip().startswith("#"))
+    assert "torchdiffeq.odeint_adjoint" not in code.replace("symadj_plugins.torchdiffeq.odeint_adjoint", "")
+
+
+def _load(source: bytes, tmp_path: Path, name: str):
+    path = tmp_path / f"{name}.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_migrated_values_select_the_symplectic_adjoint(tmp_path, monkeypatch):
+    """Every value use, called, runs the symplectic adjoint; before migration none of them did."""
+    import torch
+    import torchdiffeq
+
+    import symadj_plugins.torchdiffeq as symadj_td
+
+    calls = []
+    real = symadj_td.odeint_symplectic_adjoint
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(symadj_td, "odeint_symplectic_adjoint", spy)
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2).double()
+
+        def forward(self, t, y):
+            return torch.tanh(self.linear(y))
+
+    func = Field()
+    y0, t = torch.tensor([1.0, -0.5], dtype=torch.float64), torch.linspace(0, 1, 4, dtype=torch.float64)
+
+    def call_every_value(module) -> int:
+        calls.clear()
+        module.Model(func).odeint(func, y0, t)
+        for value in (module.solver, module.tight, module.loose, module.SOLVERS["adjoint"]):
+            value(func, y0, t, method="rk4", options=dict(step_size=0.25))
+        module.train(func, y0, t)  # positional, keyword and default-argument values, plus one direct call
+        return len(calls)
+
+    assert call_every_value(_load(_after("torchdiffeq_values"), tmp_path, "values_after")) == 1 + 4 + 4
+    assert calls[1]["rtol"] == 1e-7 and calls[2]["rtol"] == 1e-9 and calls[3]["rtol"] == 1e-3  # partial's kept
+    assert call_every_value(_load(_before("torchdiffeq_values"), tmp_path, "values_before")) == 0
+
+    # and the gradient through a wrapped value is backprop's through the same steps
+    migrated = _load(_after("torchdiffeq_values"), tmp_path, "values_after2")
+    options = dict(step_size=0.1)
+    grads = torch.autograd.grad(migrated.solver(func, y0, t, method="rk4", options=options).square().sum(),
+                                list(func.parameters()))
+    reference = torch.autograd.grad(torchdiffeq.odeint(func, y0, t, method="rk4", options=options).square().sum(),
+                                    list(func.parameters()))
+    for g, r in zip(grads, reference):
+        assert ((g - r).norm() / r.norm()).item() <= 1e-10
+
+
+def test_uses_it_cannot_switch_are_reported_with_their_line_and_exit_1(tmp_path, capsys):
+    path = _copy_cases(tmp_path, ["torchdiffeq_left"])["torchdiffeq_left"]
+    assert migrate.main([str(path), "--write"]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: line 15: not migrated: `odeint_adjoint` passed as odeint_interface" in err
+    assert f"{path}: line 19: not migrated: `solver is odeint_adjoint`" in err
+    assert f"{path}: line 26: not migrated: `odeint_adjoint` used in a way the codemod does not rewrite" in err
+    assert f"{path}: line 27: not migrated: `odeint_adjoint.__name__`" in err
+    assert "4 place(s) not migrated" in err
+    assert 'odeint_adjoint(func, y0, t, adjoint_method="symplectic")' in path.read_text()  # the rest is done
+    # a second run still reports them (one line further down: the import became two lines)
+    assert migrate.main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: line 16: not migrated:" in err and f"{path}: line 20: not migrated:" in err
+
+
+def test_callback_adjoint_methods_are_warned_about():
+    _, notes = migrate.migrate_source(_before("torchdiffeq_left"))
+    assert any(n.startswith('line 10: `callback_accept_step_adjoint` is never called with adjoint_method="symplectic"')
+               for n in notes)
+    source = "class F:\n    def callback_step_adjoint(self, t0, y0, dt):\n        pass\n" \
+             "    def callback_reject_step_adjoint(self, t0, y0, dt):\n        pass\n" \
+             "    def callback_step(self, t0, y0, dt):\n        pass\n"
+    new, notes = migrate.migrate_source(source)
+    assert new == source
+    assert [n.split(":")[0] for n in notes] == ["line 2", "line 4"]  # not for callback_step, which still runs
+
+
+# -- notebooks --------------------------------------------------------------------------------------------------
+
+NOTEBOOK_BEFORE = FIXTURES / "notebook.ipynb.before"
+NOTEBOOK_AFTER = FIXTURES / "notebook.ipynb.after"
+
+
+def test_notebook_code_cells_are_migrated_together(tmp_path, capsys):
+    path = tmp_path / "spiral.ipynb"
+    path.write_bytes(NOTEBOOK_BEFORE.read_bytes())
+    assert migrate.main([str(tmp_path)]) == 1  # found by the directory walk; cell 7 is left (see below)
+    captured = capsys.readouterr()
+    assert path.read_bytes() == NOTEBOOK_BEFORE.read_bytes()  # no --write: unchanged
+    assert f"--- {path} (cell 3)" in captured.out and "+from symadj_plugins.torchdiffeq import odeint_adjoint" in \
+        captured.out
+    assert migrate.main([str(path), "--write"]) == 1
+    assert path.read_bytes() == NOTEBOOK_AFTER.read_bytes()
+    before, after = json.loads(NOTEBOOK_BEFORE.read_text()), json.loads(path.read_text())
+    assert after.keys() == before.keys() and after["metadata"] == before["metadata"]
+    for old, new in zip(before["cells"], after["cells"], strict=True):
+        assert {k: v for k, v in old.items() if k != "source"} == {k: v for k, v in new.items() if k != "source"}
+        assert type(old["source"]) is type(new["source"])  # list stays list, string stays string
+    sources = ["".join(c["source"]) for c in after["cells"]]
+    assert sources[0] == "".join(before["cells"][0]["source"])  # markdown untouched
+    assert sources[2].startswith("import functools\nfrom symadj_plugins.torchdiffeq import odeint_adjoint\n")
+    assert 'y0, t, adjoint_method="symplectic",\n' in sources[4]  # a call in another cell than the import
+    assert sources[5].endswith('solver = functools.partial(odeint_adjoint, adjoint_method="symplectic")\nsolver')
+    for skipped in (1, 3, 6):
+        assert after["cells"][skipped] == before["cells"][skipped]
+    capsys.readouterr()
+    assert migrate.main([str(path), "--write"]) == 1  # idempotent; the skipped cell is still reported
+    err = capsys.readouterr().err
+    assert path.read_bytes() == NOTEBOOK_AFTER.read_bytes() and "0 file(s) rewritten" in err
+    assert f"{path}: cell 2, line 1: cell skipped: it holds an IPython magic or shell line" in err
+    assert f"{path}: cell 4, line 1: cell skipped" in err
+    assert f"{path}: cell 7, line 1: not migrated: cell skipped" in err  # mentions an adjoint
+
+
+def test_notebook_notes_name_the_cell_and_its_line(tmp_path):
+    nb = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+                     "source": ["import torch\n", "from torchdiffeq import odeint_event, odeint_adjoint\n"]},
+                    {"cell_type": "markdown", "metadata": {}, "source": ["text"]},
+                    {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+                     "source": ["x = 1\n", "odeint_event(f, y0, t0, event_fn=e, odeint_interface=odeint_adjoint)\n"]}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "events.ipynb"
+    path.write_text(json.dumps(nb))
+    result = migrate.migrate_file(str(path))
+    assert [(n.cell, n.line, n.unmigrated) for n in result.notes] == [(3, 2, True)]
+
+
+def test_a_file_that_is_not_a_notebook_is_refused(tmp_path, capsys):
+    path = tmp_path / "old.ipynb"
+    path.write_text('{"worksheets": []}')
+    (tmp_path / "bad.ipynb").write_text("not json")
+    assert migrate.main([str(path), str(tmp_path / "bad.ipynb")]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: error: not a Jupyter notebook (nbformat 4) file" in err and "nbformat 3" in err
+    assert "bad.ipynb: error: not a Jupyter notebook" in err
+
+
+# -- without libcst ---------------------------------------------------------------------------------------------
+
+def test_without_libcst_the_command_says_what_to_install(tmp_path):
+    path = _copy_cases(tmp_path, ["torchdiffeq_module"])["torchdiffeq_module"]
+    code = ("import runpy, sys; sys.modules['libcst'] = None; sys.argv = ['migrate', sys.argv[1]]; "
+            "runpy.run_module('symadj_plugins.migrate', run_name='__main__', alter_sys=True)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "needs libcst" in proc.stderr and "pip install -e '.[migrate]'" in proc.stderr
+    assert "pip install libcst" in proc.stderr
+    assert path.read_bytes() == _before("torchdiffeq_module")
+    # the Python API says the same, as an ImportError
+    code = ("import sys; sys.modules['libcst'] = None\nfrom symadj_plugins import migrate\n"
+            "try:\n    migrate.main\nexcept ModuleNotFoundError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "pip install libcst" in proc.stdout, proc.stderr
+
+
+# -- the package ------------------------------------------------------------------------------------------------
+
+def test_one_method_name_table_for_codemod_and_compat():
+    from torch_symplectic_adjoint import _methods
+
+    from symadj_plugins._method_names import TSA_TO_TORCHDIFFEQ
+    from symadj_plugins.migrate import _names
+
+    assert _methods._TORCHDIFFEQ_NAME is TSA_TO_TORCHDIFFEQ
+    assert set(TSA_TO_TORCHDIFFEQ) == set(_methods.METHODS)
+    assert TSA_TO_TORCHDIFFEQ["rk38"] == "rk4" and TSA_TO_TORCHDIFFEQ["rk4"] is None
+    assert _names.TSA_METHOD_TO_TORCHDIFFEQ == {k: v for k, v in TSA_TO_TORCHDIFFEQ.items() if v is not None}

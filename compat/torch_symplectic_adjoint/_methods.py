@@ -44,6 +44,8 @@ from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.rk_common import rk4_step_func
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
+from symadj_plugins._method_names import TSA_TO_TORCHDIFFEQ as _TORCHDIFFEQ_NAME
+
 __all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS", "SOLVERS", "ClassicalRK4", "prepare", "torchdiffeq_name"]
 
 
@@ -65,8 +67,6 @@ ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("rk38", "rk4", "midpoint", "euler")
 METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 """torch_symplectic_adjoint's method names, in the order its README lists them."""
-
-_TORCHDIFFEQ_NAME = {name: name for name in METHODS} | {"rk38": "rk4", "rk4": None}
 
 SOLVERS: Mapping[str, type] = {
     name: (ClassicalRK4 if td_name is None else _TORCHDIFFEQ_SOLVERS[td_name])
