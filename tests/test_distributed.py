@@ -159,7 +159,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        partial = Path(out_dir) / f"rank{rank}.err.partial"
+        partial.write_text(traceback.format_exc())
+        partial.rename(partial.with_suffix(""))  # whole: the parent may stop this process once it sees the file
         raise
 
 
@@ -196,10 +198,8 @@ def run_workers(out_dir: Path) -> list[dict]:
     for p in processes:
         p.start()
     deadline = time.monotonic() + WORKER_TIMEOUT_S
-    errors: list[str] = []
     while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
-        errors = [f.read_text() for f in sorted(out_dir.glob("rank*.err"))]
-        if errors or any(p.exitcode not in (None, 0) for p in processes):
+        if any(out_dir.glob("rank*.err")) or any(p.exitcode not in (None, 0) for p in processes):
             break  # a rank failed: the other would wait for it in a collective until the gloo timeout
         time.sleep(0.1)
     for p in processes:
