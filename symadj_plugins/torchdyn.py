@@ -75,6 +75,7 @@ from typing import Any
 
 import torch
 
+from . import _torchdyn_guard
 from ._registry import check_internals, internals_error
 from .core import ButcherTableau, StageCall, Trajectory, odeint_symplectic
 from .core.tableaux import EULER, MIDPOINT
@@ -89,7 +90,7 @@ except ImportError as exc:  # pragma: no cover - exercised only with a broken to
 
 __all__ = ["SENSITIVITY", "SUPPORTED_SOLVERS", "install", "register", "supported_solvers"]
 
-SENSITIVITY = "symplectic_adjoint"
+SENSITIVITY = _torchdyn_guard.SENSITIVITY  # "symplectic_adjoint"
 """The ``sensitivity`` value that selects the symplectic adjoint in torchdyn's ``ODEProblem`` / ``NeuralODE``."""
 
 TESTED_VERSION = "1.0.6"

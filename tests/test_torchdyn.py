@@ -410,7 +410,8 @@ def test_register_hooks_the_dispatch_only_and_unregister_restores_it():
     symadj_plugins.unregister()
     originals = {cls: cls.__dict__["_autograd_func"]
                  for cls in (torchdyn_problems.ODEProblem, torchdyn_problems.MultipleShootingProblem)}
-    with pytest.raises(TypeError):  # torchdyn alone: its dispatch returns None for a string it does not know
+    # torchdyn alone returns None for a sensitivity it does not know; imported, symadj_plugins says what is missing.
+    with pytest.raises(RuntimeError, match=r"not registered with torchdyn: call symadj_plugins\.register\(\)"):
         _forward(NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4"))
 
     symadj_plugins.register()
@@ -532,3 +533,36 @@ def torchdyn_dopri5_step():
     from torchdyn.numerics.solvers.ode import DormandPrince45
 
     return DormandPrince45.__dict__["step"]
+
+
+def test_unregistered_sensitivity_names_register_in_a_fresh_process_that_unpickles_a_model(tmp_path):
+    """symadj_plugins imported (before torchdyn) but not registered: a model unpickled there says to call
+    register(); after register() the same model solves."""
+    import pickle
+    import subprocess
+    import sys
+
+    model = NeuralODE(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)), sensitivity="symplectic_adjoint",
+                      solver="rk4")
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(model))
+    script = f"""
+import pickle, sys, torch
+import symadj_plugins
+assert "torchdyn" not in sys.modules
+model = pickle.loads(open({str(path)!r}, "rb").read())
+x = torch.randn(3, 2, requires_grad=True)
+try:
+    model(x, torch.linspace(0, 1, 3))
+except RuntimeError as exc:
+    print("ERROR:", exc)
+symadj_plugins.register()
+_, sol = model(x, torch.linspace(0, 1, 3))
+sol.sum().backward()
+print("SOLVED:", x.grad is not None)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ERROR: sensitivity='symplectic_adjoint' is provided by symadj-plugins" in done.stdout
+    assert "call symadj_plugins.register()" in done.stdout
+    assert "SOLVED: True" in done.stdout
