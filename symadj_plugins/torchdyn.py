@@ -532,7 +532,7 @@ def _solve_problem(problem: Any, vf_params: Any, x: torch.Tensor, t_span: torch.
     args = {} if args is None else args
     solver = problem.solver
     _check_solver(solver)
-    _check_inputs(x, t_span)
+    _check_state_and_t_span(x, t_span)
     interpolator = _replay_interpolator(problem.interpolator, solver, x, t_span)
     params = _parameters(problem)
 
@@ -566,7 +566,7 @@ def _check_solver(solver: Any) -> None:
         "sensitivity='autograd' or 'adjoint' with them.")
 
 
-def _check_inputs(x: Any, t_span: Any) -> None:
+def _check_state_and_t_span(x: Any, t_span: Any) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"sensitivity='{SENSITIVITY}' needs the state x to be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
