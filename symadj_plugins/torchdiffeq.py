@@ -54,10 +54,10 @@ _original_odeint_adjoint = torchdiffeq.odeint_adjoint
 
 
 # --------------------------------------------------------------------------------------------------------
-# Fixed-grid solvers: torchdiffeq writes their steps out by hand, so their tableaux and stage times are
-# written here. A stage time is ``t0 + dt * c`` or, where torchdiffeq uses the grid point itself, ``"t1"``.
-# ``PREV`` marks a stage torchdiffeq perturbs to just before ``t1`` when ``perturb=True``; stage 1 is
-# always perturbed to just after ``t0`` then.
+# Fixed-grid solvers: torchdiffeq writes their steps out by hand, so their tableaux (core/tableaux.py) and
+# stage times (here) are restated. A stage time is ``t0 + dt * c`` or, where torchdiffeq uses the grid point
+# itself, ``"t1"``. ``PREV`` marks a stage torchdiffeq perturbs to just before ``t1`` when ``perturb=True``;
+# stage 1 is always perturbed to just after ``t0`` then.
 
 @dataclass(frozen=True)
 class FixedGridRule:
@@ -413,6 +413,9 @@ def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Ten
         method: a name in torchdiffeq's ``SOLVERS`` or a solver class.
         rule: for a ``FixedGridODESolver`` subclass torchdiffeq does not ship, how it steps.
         store_stages: as in :func:`odeint_symplectic_adjoint`.
+
+    Besides the ``HostSolver`` methods, the host's ``func``, ``adaptive``, ``tableau`` and, after ``solve``,
+    ``solver`` (torchdiffeq's solver object that took the steps) are part of this contract.
     """
     return _TorchdiffeqHost(func, method, rtol, atol, options, store_stages=store_stages, rule=rule)
 
