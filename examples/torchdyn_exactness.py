@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import warnings
-import weakref
 
 import torch
 from torch import nn
 from torchdyn.core import NeuralODE
 
 import symadj_plugins
+from symadj_plugins.bench.saved import SavedTensorBytes
 
 SOLVERS = ["euler", "midpoint", "rk4", "dopri5", "tsit5"]
 METHODS = ["symplectic_adjoint", "adjoint", "interpolated_adjoint", "autograd"]
@@ -45,42 +45,6 @@ class Field(nn.Module):
         return self.net(x) * (1 + t) + 0.1 * torch.sin(3 * t)
 
 
-class _Box:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class HeldBytes:
-    """Bytes of storages kept alive by autograd's saved tensors (each storage once), ``exclude`` not counted."""
-
-    def __init__(self, exclude):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.live: dict[int, list[int]] = {}
-
-    def pack(self, tensor):
-        box = _Box(tensor)
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in self.exclude:
-            self.live.setdefault(pointer, [tensor.untyped_storage().nbytes(), 0])[1] += 1
-            weakref.finalize(box, self._release, pointer)
-        return box
-
-    def _release(self, pointer):
-        self.live[pointer][1] -= 1
-        if not self.live[pointer][1]:
-            del self.live[pointer]
-
-    @staticmethod
-    def unpack(box):
-        return box.tensor
-
-    @property
-    def held(self) -> int:
-        return sum(nbytes for nbytes, _ in self.live.values())
-
-
 def loss_of(sol):
     weights = torch.arange(1, sol.shape[0] + 1, dtype=sol.dtype)
     return (sol.pow(2).sum(dim=(1, 2)) * weights).sum() + sol.sin().sum()
@@ -95,12 +59,12 @@ def run(method, solver, dtype, width, *, constant_steps=False, zero_last=False, 
     tol = 1e-8 if dtype == torch.float64 else 1e-5
     model = NeuralODE(field, sensitivity=method, solver=solver, atol=tol, rtol=tol, atol_adjoint=tol,
                       rtol_adjoint=tol)
-    meter = HeldBytes([x, *field.parameters()])
+    meter = SavedTensorBytes([x, *field.parameters()])
     init_step = torchdyn_odeint.init_step
     if constant_steps:
         torchdyn_odeint.init_step = lambda *a, **k: init_step(*a, **k).detach()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        with meter:
             _, sol = model(x, t_span)
     finally:
         torchdyn_odeint.init_step = init_step

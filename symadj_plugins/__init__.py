@@ -9,6 +9,9 @@
 """
 
 from ._registry import is_registered, register, unregister
+from ._torchdyn_guard import install_guard as _install_guard
+
+_install_guard()  # before register(), sensitivity="symplectic_adjoint" in torchdyn says to call it
 
 __version__ = "0.1.0"
 __all__ = ["register", "unregister", "is_registered", "__version__"]

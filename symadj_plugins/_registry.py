@@ -1,41 +1,44 @@
 """``register()`` / ``unregister()``: hook the symplectic adjoint into the host libraries' public entry points.
 
-Both are idempotent. Only attributes listed here are touched, and ``unregister()`` puts back exactly the
+What is patched lives with each adapter: ``symadj_plugins.<host>.install()`` replaces what it needs and returns
+the ``(owner, attribute, original)`` triples; this module only keeps those undo lists and names no host internals.
+Both functions are idempotent and atomic (one lock around both), and ``unregister()`` puts back exactly the
 objects that were there before.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
+import threading
 
+_HOSTS = ("torchdiffeq", "torchdyn")  # host library; its adapter is symadj_plugins.<host>
+_lock = threading.Lock()
 _installed: dict[str, list[tuple[object, str, object]]] = {}  # host -> [(owner, attribute, original)]
-_MISSING = object()
 
 
 def register() -> None:
     """Makes ``adjoint_method="symplectic"`` work in ``torchdiffeq.odeint_adjoint`` (and, when torchdyn is
-    installed, ``sensitivity="symplectic_adjoint"`` in torchdyn). A missing host library is not an error.
+    installed, ``sensitivity="symplectic_adjoint"`` in torchdyn). A missing host library is not an error; one
+    whose internals differ from what its adapter expects raises ``RuntimeError`` naming its version.
 
     Code that did ``from torchdiffeq import odeint_adjoint`` *before* ``register()`` holds torchdiffeq's own
     function; calling it with ``adjoint_method="symplectic"`` raises an error that says so. Call
     ``register()`` first, or import ``symadj_plugins.torchdiffeq.odeint_adjoint`` directly.
     """
-    if "torchdiffeq" not in _installed and importlib.util.find_spec("torchdiffeq") is not None:
-        _installed["torchdiffeq"] = _register_torchdiffeq()
-    if "torchdyn" not in _installed and importlib.util.find_spec("torchdyn") is not None:
-        from . import torchdyn as _torchdyn_adapter
-        _installed["torchdyn"] = _torchdyn_adapter.register()
+    with _lock:
+        for host in _HOSTS:
+            if host not in _installed and importlib.util.find_spec(host) is not None:
+                adapter = importlib.import_module(f"{__package__}.{host}")
+                _installed[host] = adapter.install()
 
 
 def unregister() -> None:
     """Restores every attribute ``register()`` replaced. Safe to call when nothing is registered."""
-    for host in list(_installed):
-        for owner, name, original in reversed(_installed.pop(host)):
-            if original is _MISSING:
-                delattr(owner, name) if not isinstance(owner, dict) else owner.pop(name, None)
-            elif isinstance(owner, dict):
-                owner[name] = original
-            else:
+    with _lock:
+        for host in reversed(list(_installed)):
+            for owner, name, original in reversed(_installed.pop(host)):
                 setattr(owner, name, original)
 
 
@@ -44,29 +47,24 @@ def is_registered(host: str = "torchdiffeq") -> bool:
     return host in _installed
 
 
-def _register_torchdiffeq() -> list[tuple[object, str, object]]:
-    import torchdiffeq
-    from torchdiffeq._impl.odeint import SOLVERS
+def internals_error(library: str, tested: str, what: str, advice: str) -> RuntimeError:
+    """The error every adapter raises when its host library's internals are not what it was written against.
 
-    from . import torchdiffeq as adapter
+    Args:
+        library: the host's distribution name (``"torchdyn"``), whose installed version the message names.
+        tested: the version(s) the adapter was written against, as text.
+        what: what differs, a clause.
+        advice: what the user can do instead, a sentence.
+    """
+    try:
+        installed = importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout of the host
+        installed = "(unknown version)"
+    return RuntimeError(f"symadj_plugins' {library} adapter was written against {library} {tested}, and the "
+                        f"installed {library} {installed} does not match what it expects: {what}. {advice}")
 
-    changes = [(torchdiffeq, "odeint_adjoint", torchdiffeq.odeint_adjoint),
-               (SOLVERS, adapter.SYMPLECTIC, SOLVERS.get(adapter.SYMPLECTIC, _MISSING))]
-    torchdiffeq.odeint_adjoint = adapter.odeint_adjoint
-    # A name bound before register() still reaches torchdiffeq's own odeint_adjoint, which looks
-    # adjoint_method up in SOLVERS: this entry turns its "Invalid method" into an explanation.
-    SOLVERS[adapter.SYMPLECTIC] = _StaleOdeintAdjoint
-    return changes
 
-
-class _StaleOdeintAdjoint:
-    @classmethod
-    def valid_callbacks(cls):  # torchdiffeq >= 0.2.4 asks the solver class for its callbacks before building it
-        cls()
-
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError(
-            "adjoint_method='symplectic' reached torchdiffeq's own odeint_adjoint, which solves the continuous "
-            "adjoint. The name odeint_adjoint was probably imported (`from torchdiffeq import odeint_adjoint`) "
-            "before symadj_plugins.register(). Call register() before that import, call "
-            "torchdiffeq.odeint_adjoint(...), or use symadj_plugins.torchdiffeq.odeint_adjoint.")
+def check_internals(library: str, tested: str, problems: list[str], advice: str) -> None:
+    """Raises :func:`internals_error` listing ``problems`` (an adapter's ``_check_<host>()`` result), if any."""
+    if problems:
+        raise internals_error(library, tested, "; ".join(problems), advice)

@@ -5,8 +5,8 @@ time, perturbed times, norms, callbacks), its solver classes and tableaux, its s
 only listen to it (the official ``callback_accept_step`` / ``callback_step`` hooks) to record each accepted
 step, and replace the backward pass by the core's exact reverse sweep.
 
-Private torchdiffeq names this module depends on (each is exercised by ``tests/test_torchdiffeq_internals.py``
-so that an upstream change fails loudly and here):
+Private torchdiffeq names this module depends on (``_check_torchdiffeq()`` verifies them at ``register()`` and
+raises naming the installed version if they differ; each is exercised by ``tests/test_torchdiffeq_internals.py``):
 
 - ``torchdiffeq._impl.odeint.SOLVERS`` and ``torchdiffeq._impl.misc._check_inputs`` / ``_flat_to_shape`` /
   ``Perturb``: the entry points ``torchdiffeq.odeint`` itself uses.
@@ -15,11 +15,17 @@ so that an upstream change fails loudly and here):
   ``t1``) read at accepted steps, ``._interp_fit`` and ``interp._interp_evaluate`` for dense output.
 - ``FixedGridODESolver``: ``.perturb``, ``.interp``, ``._linear_interp``, ``._cubic_hermite_interp``, and the
   stage times of ``Euler``, ``Midpoint``, ``RK4`` (3/8 rule), ``Heun2``, ``Heun3`` (``_FIXED_GRID`` below).
+- Patched by :func:`install` (undone by ``unregister()``): ``torchdiffeq.odeint_adjoint`` (public); the
+  ``_check_inputs`` that ``torchdiffeq._impl.odeint.odeint`` and ``torchdiffeq._impl.adjoint.odeint_adjoint`` call,
+  to refuse ``method="symplectic"`` with an explanation; ``torchdiffeq._impl.adjoint.odeint``, the solve of
+  torchdiffeq's own adjoint backward pass, to explain ``adjoint_method="symplectic"`` reaching it.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +39,14 @@ from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
+from ._registry import check_internals
 from .core import ButcherTableau, HostSolver, StageCall, Trajectory, odeint_symplectic
 from .core.replay import RandomnessWatch, RngState
+from .core.tableaux import EULER, HEUN2, HEUN3, MIDPOINT, RK4_38
+from .inputs import check_times, parameters_requiring_grad
 
-__all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC"]
+__all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC", "FixedGridRule",
+           "torchdiffeq_host", "install"]
 
 SYMPLECTIC = "symplectic"
 """The ``adjoint_method`` value that selects the symplectic adjoint in :func:`odeint_adjoint`."""
@@ -45,47 +55,37 @@ _original_odeint_adjoint = torchdiffeq.odeint_adjoint
 
 
 # --------------------------------------------------------------------------------------------------------
-# Fixed-grid solvers: torchdiffeq writes their steps out by hand, so their tableaux and stage times are
-# written here. A stage time is ``t0 + dt * c`` or, where torchdiffeq uses the grid point itself, ``"t1"``.
-# ``PREV`` marks a stage torchdiffeq perturbs to just before ``t1`` when ``perturb=True``; stage 1 is
-# always perturbed to just after ``t0`` then.
+# Fixed-grid solvers: torchdiffeq writes their steps out by hand, so their tableaux (core/tableaux.py) and
+# stage times (here) are restated. A stage time is ``t0 + dt * c`` or, where torchdiffeq uses the grid point
+# itself, ``"t1"``. ``PREV`` marks a stage torchdiffeq perturbs to just before ``t1`` when ``perturb=True``;
+# stage 1 is always perturbed to just after ``t0`` then.
 
 @dataclass(frozen=True)
-class _FixedGridRule:
+class FixedGridRule:
+    """How a torchdiffeq ``FixedGridODESolver`` subclass steps: its tableau, where its ``_step_func`` evaluates each
+    stage (``t0 + dt * c`` for a float ``c``, or ``"t1"`` for the grid point itself), and which stages it perturbs
+    to just before ``t1`` when ``perturb=True`` (stage 1 is always perturbed to just after ``t0`` then)."""
+
     tableau: ButcherTableau
     stage_times: tuple[float | str, ...]
     perturb_prev: tuple[bool, ...]
 
+    def __post_init__(self) -> None:
+        if not (len(self.stage_times) == len(self.perturb_prev) == self.tableau.num_stages):
+            raise ValueError(f"{self.tableau.name}: give one stage time and one perturb flag per stage "
+                             f"({self.tableau.num_stages}), got {len(self.stage_times)} and {len(self.perturb_prev)}")
 
-def _fixed(name, c, a_rows, b, stage_times, perturb_prev):
-    return _FixedGridRule(ButcherTableau.from_rows(c, a_rows, b, name=name), stage_times, perturb_prev)
 
-
-_FIXED_GRID: dict[type, _FixedGridRule] = {
-    _fixed_grid.Euler: _fixed("euler", [0.0], [], [1.0], (0.0,), (False,)),
-    _fixed_grid.Midpoint: _fixed("midpoint", [0.0, 0.5], [[0.5]], [0.0, 1.0], (0.0, 0.5), (False, False)),
+_FIXED_GRID: dict[type, FixedGridRule] = {
+    _fixed_grid.Euler: FixedGridRule(EULER, (0.0,), (False,)),
+    _fixed_grid.Midpoint: FixedGridRule(MIDPOINT, (0.0, 0.5), (False, False)),
     # torchdiffeq's "rk4" is the 3/8 rule (rk4_alt_step_func).
-    _fixed_grid.RK4: _fixed("rk4", [0.0, 1 / 3, 2 / 3, 1.0], [[1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]],
-                            [1 / 8, 3 / 8, 3 / 8, 1 / 8], (0.0, 1 / 3, 2 / 3, "t1"), (False, False, False, True)),
+    _fixed_grid.RK4: FixedGridRule(RK4_38, (0.0, 1 / 3, 2 / 3, "t1"), (False, False, False, True)),
 }
 if hasattr(_fixed_grid, "Heun2"):  # added in torchdiffeq 0.2.4
-    _FIXED_GRID[_fixed_grid.Heun2] = _fixed("heun2", [0.0, 1.0], [[1.0]], [0.5, 0.5], (0.0, 1.0), (False, True))
+    _FIXED_GRID[_fixed_grid.Heun2] = FixedGridRule(HEUN2, (0.0, 1.0), (False, True))
 if hasattr(_fixed_grid, "Heun3"):
-    _FIXED_GRID[_fixed_grid.Heun3] = _fixed("heun3", [0.0, 1 / 3, 2 / 3], [[1 / 3], [0.0, 2 / 3]],
-                                            [0.25, 0.0, 0.75], (0.0, 1 / 3, 2 / 3), (False, False, False))
-
-
-def register_fixed_grid_solver(solver_cls: type, tableau: ButcherTableau, stage_times: Sequence[float | str],
-                               perturb_prev: Sequence[bool]) -> None:
-    """Teaches the symplectic adjoint a ``FixedGridODESolver`` subclass torchdiffeq does not ship: its tableau, where
-    its ``_step_func`` evaluates each stage (``t0 + dt * c`` or ``"t1"``), and which stages it perturbs to just
-    before ``t1`` when ``perturb=True``. torchdiffeq's ``SOLVERS`` is not touched: pass the class itself as
-    ``method`` to ``_TorchdiffeqHost``."""
-    if not (isinstance(solver_cls, type) and issubclass(solver_cls, _fixed_grid.FixedGridODESolver)):
-        raise TypeError(f"{solver_cls!r} is not a torchdiffeq FixedGridODESolver subclass")
-    if not (len(stage_times) == len(perturb_prev) == tableau.num_stages):
-        raise ValueError(f"{tableau.name}: one stage time and one perturb flag per stage ({tableau.num_stages})")
-    _FIXED_GRID[solver_cls] = _FixedGridRule(tableau, tuple(stage_times), tuple(perturb_prev))
+    _FIXED_GRID[_fixed_grid.Heun3] = FixedGridRule(HEUN3, (0.0, 1 / 3, 2 / 3), (False, False, False))
 
 
 @functools.cache
@@ -111,7 +111,7 @@ _START_JUMP = "jump"          # f(t_n⁺, y_n) re-evaluated after a jump_t disco
 _START_CARRIED = "carried"    # previous step's last stage, not at y_n (fehlberg2, adaptive_heun): stored
 
 
-class _Recorder:
+class _TorchdiffeqStepRecorder:
     """Stands between a torchdiffeq solver and its (normalised) ``func`` and records accepted steps.
 
     It forwards every call and every callback, so the solver and the user's callbacks see exactly what
@@ -119,8 +119,8 @@ class _Recorder:
     (and from which generator state), so that the backward pass replays them with the same numbers.
     """
 
-    def __init__(self, func: Callable, y0: torch.Tensor, adaptive: bool, carried_last_stage: bool,
-                 num_stages: int, stages_to_keep: int = 0):
+    def __init__(self, func: Callable, adaptive: bool, carried_last_stage: bool, num_stages: int,
+                 device: torch.device, stages_to_keep: int = 0):
         self.func = func
         self.adaptive = adaptive
         self.carried_last_stage = carried_last_stage
@@ -140,7 +140,7 @@ class _Recorder:
         # Random-number states, per stage of the attempt under way: the first `num_stages` calls after
         # callback_step are the step's stages (adaptive: stages 2..s, after the k_1 it starts from).
         self.num_stages = num_stages
-        self.randomness = RandomnessWatch(y0.device)
+        self.randomness = RandomnessWatch(device)
         self.stage_rng: list[list[RngState | None]] = []
         self._attempt_rng: list[RngState | None] | None = None
         self._k1_rng: RngState | None = None  # the state the call that produced the next attempt's k_1 started from
@@ -234,11 +234,11 @@ class _TorchdiffeqHost(HostSolver):
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
     def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False,
-                 user_func: Callable | None = None):
+                 rule: FixedGridRule | None = None, user_func: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
         self.store_stages = store_stages
-        # A name in torchdiffeq's SOLVERS, or a solver class (see register_fixed_grid_solver).
+        # A name in torchdiffeq's SOLVERS, or a solver class (a fixed-grid one torchdiffeq lacks comes with its rule).
         self.solver_cls = SOLVERS[method] if isinstance(method, str) else method
         self.method = method if isinstance(method, str) else self.solver_cls.__name__
         self.adaptive = issubclass(self.solver_cls, RKAdaptiveStepsizeODESolver)
@@ -246,7 +246,10 @@ class _TorchdiffeqHost(HostSolver):
             self.tableau = _adaptive_tableau(self.solver_cls)
             self.fixed_rule = None
         else:
-            self.fixed_rule = _FIXED_GRID[self.solver_cls]
+            self.fixed_rule = rule if rule is not None else _FIXED_GRID.get(self.solver_cls)
+            if self.fixed_rule is None:
+                raise TypeError(f"{self.method} is not a fixed-grid solver the symplectic adjoint knows; pass its "
+                                "FixedGridRule as rule=")
             self.tableau = self.fixed_rule.tableau
         self.rtol, self.atol, self.options = rtol, atol, options
         self.solver: Any = None
@@ -256,8 +259,8 @@ class _TorchdiffeqHost(HostSolver):
         tab = self.tableau
         # A last stage evaluated at (t_{n+1}⁻, y_{n+1}) can be re-evaluated; any other must be stored.
         carried_last_stage = self.adaptive and not tab.fsal
-        recorder = _Recorder(self.func, y0, self.adaptive, carried_last_stage, tab.num_stages,
-                             stages_to_keep=tab.num_stages if self.store_stages else 0)
+        recorder = _TorchdiffeqStepRecorder(self.func, self.adaptive, carried_last_stage, tab.num_stages, y0.device,
+                                            stages_to_keep=tab.num_stages if self.store_stages else 0)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
         solution = solver.integrate(t)
@@ -403,11 +406,15 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     if event_fn is not None:
         raise NotImplementedError("event_fn is not supported by the symplectic adjoint yet; use "
                                   "torchdiffeq.odeint or torchdiffeq.odeint_adjoint for event handling.")
-    _check_time(t)
+    check_times(t)
     method = "dopri5" if method is None else method
-    if method not in SOLVERS or method not in supported_methods():
+    if method == SYMPLECTIC:
+        raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
+    if method in SOLVERS and method not in supported_methods():
         raise ValueError(f"method={method!r} is not supported by the symplectic adjoint, which needs an explicit "
                          f"Runge-Kutta method; supported: {', '.join(supported_methods())}.")
+    # A name torchdiffeq does not know (a typo, a method of a newer torchdiffeq) gets torchdiffeq's own
+    # "Invalid method" from _check_inputs below.
     params = _adjoint_params(func, adjoint_params)
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, _, _ = _check_inputs(
@@ -433,6 +440,8 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
     accepted and ignored, because the symplectic adjoint solves no second ODE: it replays the forward
     pass's own accepted steps exactly, so there is no backward tolerance to choose.
     """
+    if method == SYMPLECTIC:
+        raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
     if adjoint_method == SYMPLECTIC:
         return odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                          event_fn=event_fn, adjoint_params=adjoint_params)
@@ -442,18 +451,22 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
                                     adjoint_params=adjoint_params)
 
 
-def _check_time(t: Any) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}")
-    if not torch.is_floating_point(t):
-        raise TypeError(f"t must be a floating point tensor, got dtype {t.dtype}; e.g. torch.linspace(0, 1, 10)")
-    if t.ndim != 1 or len(t) == 0:
-        raise ValueError(f"t must be a non-empty 1-D tensor of times, got shape {tuple(t.shape)}")
-    if len(t) > 1:
-        diff = t[1:] - t[:-1]
-        if not ((diff > 0).all() or (diff < 0).all()):
-            raise ValueError("t must be strictly increasing or strictly decreasing (no repeated or "
-                             f"out-of-order times), got {t.detach().cpu().tolist()}")
+def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Tensor, atol: float | torch.Tensor,
+                     options: dict, *, rule: FixedGridRule | None = None, store_stages: bool = False) -> HostSolver:
+    """The core's :class:`~symadj_plugins.core.adjoint.HostSolver` for one torchdiffeq solve, for code that drives
+    the core itself (``compat``): ``host.solve(y0, t)`` runs torchdiffeq's solver and records its accepted steps.
+
+    Args:
+        func, rtol, atol, options: as torchdiffeq's ``_check_inputs`` returns them (flat state, increasing time,
+            ``func`` taking ``perturb=``).
+        method: a name in torchdiffeq's ``SOLVERS`` or a solver class.
+        rule: for a ``FixedGridODESolver`` subclass torchdiffeq does not ship, how it steps.
+        store_stages: as in :func:`odeint_symplectic_adjoint`.
+
+    Besides the ``HostSolver`` methods, the host's ``func``, ``adaptive``, ``tableau`` and, after ``solve``,
+    ``solver`` (torchdiffeq's solver object that took the steps) are part of this contract.
+    """
+    return _TorchdiffeqHost(func, method, rtol, atol, options, store_stages=store_stages, rule=rule)
 
 
 def _adjoint_params(func: Callable, adjoint_params: Iterable[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
@@ -462,8 +475,110 @@ def _adjoint_params(func: Callable, adjoint_params: Iterable[torch.Tensor] | Non
             raise ValueError("func must be an instance of nn.Module to find its parameters; alternatively pass "
                              "them explicitly as `adjoint_params` (use adjoint_params=() if there are none).")
         adjoint_params = find_parameters(func)
-    params = tuple(adjoint_params)
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"adjoint_params must be tensors, got {type(p).__name__}")
-    return tuple(p for p in params if p.requires_grad)
+    return parameters_requiring_grad(adjoint_params)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registration (symadj_plugins.register() calls install(); unregister() undoes what it returns).
+
+TESTED_VERSIONS = "0.2.4 and 0.2.5"
+
+_SYMPLECTIC_IS_NOT_A_METHOD = (
+    f"method={SYMPLECTIC!r} is not an ODE solver: the symplectic adjoint is a way to compute the gradient of a "
+    "solve, selected with adjoint_method. Use odeint_adjoint(func, y0, t, method='dopri5', "
+    f"adjoint_method={SYMPLECTIC!r}) (torchdiffeq's, after symadj_plugins.register(), or "
+    "symadj_plugins.torchdiffeq.odeint_adjoint), or symadj_plugins.torchdiffeq.odeint_symplectic_adjoint(func, y0, "
+    "t, method='dopri5').")
+
+_STALE_ODEINT_ADJOINT = (
+    f"adjoint_method={SYMPLECTIC!r} reached torchdiffeq's own odeint_adjoint, which solves the continuous "
+    "adjoint. The name odeint_adjoint was probably imported (`from torchdiffeq import odeint_adjoint`) "
+    "before symadj_plugins.register(). Call register() before that import, call "
+    "torchdiffeq.odeint_adjoint(...), or use symadj_plugins.torchdiffeq.odeint_adjoint.")
+
+
+def install() -> list[tuple[object, str, object]]:
+    """Hooks ``adjoint_method="symplectic"`` into torchdiffeq; returns the ``(owner, attribute, original)`` triples
+    it replaced (the undo list ``symadj_plugins.unregister()`` applies). Use ``symadj_plugins.register()``.
+
+    Raises ``RuntimeError`` naming the installed torchdiffeq version, before patching anything, if its internals
+    are not what this module expects. torchdiffeq's ``SOLVERS`` is not touched: ``"symplectic"`` never appears
+    among its methods.
+    """
+    check_internals("torchdiffeq", TESTED_VERSIONS, _check_torchdiffeq(),
+                    "The symplectic adjoint cannot guarantee exact gradients with it; use torchdiffeq.odeint or "
+                    "odeint_adjoint without it, or a torchdiffeq version it supports.")
+    odeint_module, adjoint_module = _modules()
+    changes = [(torchdiffeq, "odeint_adjoint", torchdiffeq.odeint_adjoint),
+               (odeint_module, "_check_inputs", odeint_module._check_inputs),
+               (adjoint_module, "_check_inputs", adjoint_module._check_inputs),
+               (adjoint_module, "odeint", adjoint_module.odeint)]
+    torchdiffeq.odeint_adjoint = odeint_adjoint
+    odeint_module._check_inputs = _refusing_symplectic_method(odeint_module._check_inputs)
+    adjoint_module._check_inputs = _refusing_symplectic_method(adjoint_module._check_inputs)
+    # A name bound before register() still reaches torchdiffeq's own odeint_adjoint, whose backward pass solves
+    # the adjoint ODE with odeint(..., method=adjoint_method): there, "symplectic" gets an explanation.
+    adjoint_module.odeint = _explaining_stale_adjoint(adjoint_module.odeint)
+    return changes
+
+
+def _modules():
+    # sys.modules: torchdiffeq._impl re-exports the *function* odeint under the submodule's name.
+    return sys.modules["torchdiffeq._impl.odeint"], sys.modules["torchdiffeq._impl.adjoint"]
+
+
+def _refusing_symplectic_method(check_inputs: Callable) -> Callable:
+    @functools.wraps(check_inputs)
+    def _check_inputs(func, y0, t, rtol, atol, method, *args, **kwargs):
+        if method == SYMPLECTIC:
+            raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
+        return check_inputs(func, y0, t, rtol, atol, method, *args, **kwargs)
+
+    return _check_inputs
+
+
+def _explaining_stale_adjoint(odeint: Callable) -> Callable:
+    @functools.wraps(odeint)
+    def _odeint(*args, method=None, **kwargs):
+        if method == SYMPLECTIC:
+            raise RuntimeError(_STALE_ODEINT_ADJOINT)
+        return odeint(*args, method=method, **kwargs)
+
+    return _odeint
+
+
+def _check_torchdiffeq() -> list[str]:
+    """What differs from the torchdiffeq this adapter was written for (empty if nothing): the private names of the
+    module docstring, by presence and, for the ones :func:`install` wraps, by signature."""
+    from torchdiffeq._impl import misc
+
+    found: list[str] = []
+    odeint_module, adjoint_module = _modules()
+    for module in (odeint_module, adjoint_module):
+        fn = getattr(module, "_check_inputs", None)
+        if fn is None or _parameter_names(fn)[:6] != ["func", "y0", "t", "rtol", "atol", "method"]:
+            found.append(f"{module.__name__}._check_inputs is missing or does not take (func, y0, t, rtol, atol, "
+                         "method, ...)")
+    if not callable(getattr(adjoint_module, "odeint", None)) or "method" not in _parameter_names(adjoint_module.odeint):
+        found.append(f"{adjoint_module.__name__}.odeint is missing or has no method parameter")
+    for name in ("_check_inputs", "_flat_to_shape", "Perturb", "_PerturbFunc"):
+        if not hasattr(misc, name):
+            found.append(f"torchdiffeq._impl.misc.{name} is missing")
+    if "callback_accept_step" not in getattr(misc, "_all_callback_names", ()):
+        found.append("func.callback_accept_step is not a torchdiffeq callback (added in torchdiffeq 0.2.4)")
+    for attr in ("_interp_fit", "_adaptive_step", "_before_integrate"):
+        if not hasattr(RKAdaptiveStepsizeODESolver, attr):
+            found.append(f"RKAdaptiveStepsizeODESolver.{attr} is missing")
+    if not {"alpha", "beta", "c_sol"} <= set(getattr(getattr(SOLVERS.get("dopri5"), "tableau", None), "_fields", ())):
+        found.append("the dopri5 solver's tableau has no alpha, beta, c_sol")
+    for attr in ("_linear_interp", "_cubic_hermite_interp", "_step_func", "integrate"):
+        if not hasattr(_fixed_grid.FixedGridODESolver, attr):
+            found.append(f"FixedGridODESolver.{attr} is missing")
+    for cls in _FIXED_GRID:
+        if SOLVERS.get(cls.__name__.lower(), cls) is not cls:
+            found.append(f"torchdiffeq's solver name {cls.__name__.lower()!r} no longer means {cls.__name__}")
+    return found
+
+
+def _parameter_names(fn: Callable) -> list[str]:
+    return list(inspect.signature(fn).parameters)

@@ -9,8 +9,9 @@ After ``symadj_plugins.register()``::
 The forward pass *is* torchdyn's: ``torchdyn.numerics.odeint`` is called exactly as the ``'autograd'`` branch of
 ``ODEProblem.odeint`` calls it (its solver objects and tableaux, ``init_step``, ``adapt_step``, ``hairer_norm``,
 its handling of ``t_span``, ``save_at`` and ``interpolator``), so ``(t_eval, sol)`` are identical (``torch.equal``)
-to ``sensitivity="autograd"``. While it runs, the solver's ``step`` is shadowed on the instance by a recorder
-that forwards every call and notes, for each accepted step, ``(t, dt, x)`` and the time at which each stage's
+to ``sensitivity="autograd"``. It runs on a shallow copy of the problem's solver whose ``step`` is shadowed by a
+recorder (nothing shared is patched per call, so one model can solve in several threads) that forwards every
+call and notes, for each accepted step, ``(t, dt, x)`` and the time at which each stage's
 ``f`` call really happened. The core's reverse sweep (``symadj_plugins.core``) then replays those steps.
 
 What is exact: gradients w.r.t. ``x`` and the vector field's parameters (``vf.parameters()``, which includes
@@ -32,7 +33,8 @@ Rejected with a ``ValueError``: other solvers (``alf``, ``ieuler``, hypersolvers
 interpolators, dict states, gradients w.r.t. ``t_span``, a ``t_span`` that is not strictly monotonic.
 
 Private torchdyn names (and behaviours) this module depends on; ``_check_torchdyn()`` verifies them at
-``register()`` and raises naming the installed version if they differ; tests/test_torchdyn*.py cover each:
+``register()`` (:func:`install`) and raises naming the installed version if they differ; tests/test_torchdyn*.py
+cover each:
 
 - ``torchdyn.core.problems.ODEProblem._autograd_func``: the sensitivity dispatch we wrap (the only hook).
   ``ODEProblem.odeint`` calls ``self._autograd_func()(self.vf_params, x, t_span, save_at, args)`` for every
@@ -64,8 +66,8 @@ Private torchdyn names (and behaviours) this module depends on; ``_check_torchdy
 
 from __future__ import annotations
 
+import copy
 import functools
-import importlib.metadata
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,20 +75,23 @@ from typing import Any
 
 import torch
 
+from . import _torchdyn_guard
+from ._registry import check_internals, internals_error
 from .core import ButcherTableau, HostSolver, StageCall, Trajectory, odeint_symplectic
 from .core.replay import RandomnessWatch, RngState
+from .core.tableaux import EULER, MIDPOINT
+from .inputs import check_times, parameters_requiring_grad
 
 try:
-    import torchdyn
     from torchdyn.core import problems as _problems
     from torchdyn.numerics import interpolators as _interpolators
     from torchdyn.numerics.solvers import ode as _ode
 except ImportError as exc:  # pragma: no cover - exercised only with a broken torchdyn
     raise ImportError(f"symadj_plugins.torchdyn needs torchdyn (tested with 1.0.6): {exc}") from exc
 
-__all__ = ["SENSITIVITY", "SUPPORTED_SOLVERS", "register", "supported_solvers"]
+__all__ = ["SENSITIVITY", "SUPPORTED_SOLVERS", "install", "register", "supported_solvers"]
 
-SENSITIVITY = "symplectic_adjoint"
+SENSITIVITY = _torchdyn_guard.SENSITIVITY  # "symplectic_adjoint"
 """The ``sensitivity`` value that selects the symplectic adjoint in torchdyn's ``ODEProblem`` / ``NeuralODE``."""
 
 TESTED_VERSION = "1.0.6"
@@ -102,29 +107,24 @@ SUPPORTED_SOLVERS: dict[str, type] = {
 }
 """torchdyn's explicit Runge–Kutta solvers, by the name torchdyn accepts for them."""
 
-# Solvers whose step hard-codes its coefficients (no ``.tableau``): ``(c, a_rows, b)`` read off their ``step``.
-_HARD_CODED: dict[type, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
-    _ode.Euler: ((0.0,), (), (1.0,)),                          # x + dt * f(t, x)
-    _ode.Midpoint: ((0.0, 0.5), ((0.5,),), (0.0, 1.0)),        # x + dt * f(t + 0.5 dt, x + 0.5 dt k1)
+# Solvers whose step hard-codes its coefficients (no ``.tableau``); the probe at install checks them.
+_HARD_CODED: dict[type, ButcherTableau] = {
+    _ode.Euler: EULER,          # x + dt * f(t, x)
+    _ode.Midpoint: MIDPOINT,    # x + dt * f(t + 0.5 dt, x + 0.5 dt k1)
 }
 
 
 def supported_solvers() -> list[str]:
+    """The names of :data:`SUPPORTED_SOLVERS`."""
     return list(SUPPORTED_SOLVERS)
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("torchdyn")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return getattr(torchdyn, "__version__", "unknown")
-
-
 def _internals_error(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"symadj_plugins' torchdyn adapter was written against torchdyn {TESTED_VERSION}, and the installed "
-        f"torchdyn {_version()} does not match what it expects: {what}. sensitivity='{SENSITIVITY}' cannot "
-        "guarantee exact gradients with it; use sensitivity='autograd', or a torchdyn version it supports.")
+    return internals_error("torchdyn", TESTED_VERSION, what, _INTERNALS_ADVICE)
+
+
+_INTERNALS_ADVICE = (f"sensitivity='{SENSITIVITY}' cannot guarantee exact gradients with it; use "
+                     "sensitivity='autograd', or a torchdyn version it supports.")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -138,8 +138,7 @@ def _tableau_of(solver: Any) -> ButcherTableau:
     """
     cls = type(solver)
     if cls in _HARD_CODED:
-        c, a_rows, b = _HARD_CODED[cls]
-        return _cached_tableau(cls.__name__, c, a_rows, b)
+        return _HARD_CODED[cls]
     c, a, b_sol, _ = solver.tableau
     s = len(b_sol)
     c_rows = tuple(float(v) for v in c.tolist())
@@ -168,8 +167,10 @@ class _Step:
 
 
 @dataclass
-class _StepRecorder:
-    """Shadows ``solver.step`` on the instance during one solve; forwards every call unchanged.
+class _TorchdynStepRecorder:
+    """Runs one torchdyn solve on a private shallow copy of ``solver`` (``self.solver``, to pass to ``odeint``)
+    whose ``step`` it shadows; forwards every call unchanged. The problem's own solver is never touched, so
+    concurrent solves with one model do not see each other, and an error leaves nothing to restore.
 
     A step is accepted iff torchdyn starts its next step from the state it returned (``x = x_new`` in both
     ``_fixed_odeint`` and ``_adaptive_odeint``); the last step of a solve is always accepted.
@@ -180,31 +181,24 @@ class _StepRecorder:
     steps: list[_Step] = field(default_factory=list)
     final_state: torch.Tensor | None = None
     _pending: _Step | None = None
-    _depth: int = 0
     _real_step: Callable | None = None
-    _shadowed: tuple[bool, Any] = (False, None)
     randomness: RandomnessWatch | None = None
     start_rng: RngState | None = None  # generators at the solve's start: where an adaptive first k1 drew
     drew_random_numbers: bool = False
 
-    def __enter__(self) -> _StepRecorder:
-        own = self.solver.__dict__
-        self._shadowed = ("step" in own, own.get("step"))
+    def __enter__(self) -> _TorchdynStepRecorder:
+        # torchdyn's odeint writes the synchronised tableau onto the copy (sync_device_dtype): the replay reads it
+        # there, as torchdyn's step did.
+        self.solver = copy.copy(self.solver)
         self._real_step = self.solver.step
         self.solver.step = self
         return self
 
     def __exit__(self, *exc) -> None:
-        had, previous = self._shadowed
-        if had:
-            self.solver.step = previous
-        else:
-            del self.solver.step
+        del self.solver.step  # the copy's step is its class's again (e.g. for the coefficient probes)
         self._real_step = None
 
     def __call__(self, f, x, t, dt, k1=None, args=None):
-        if self._depth:  # a solve nested inside f with the same solver instance: not ours
-            return self._real_step(f, x, t, dt, k1=k1, args=args)
         if self.f is None:
             self.f = f
         elif f is not self.f:
@@ -229,11 +223,7 @@ class _StepRecorder:
             self.drew_random_numbers |= rng is not None
             return out
 
-        self._depth += 1
-        try:
-            out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
-        finally:
-            self._depth -= 1
+        out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
         self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1, stage_rng)
         return out
 
@@ -319,10 +309,11 @@ class _TorchdynHost(HostSolver):
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
         x, self.x = self.x, None
         problem = self.problem
-        with _StepRecorder(self.solver, start_rng=RngState.capture(x.device)) as recorder:
-            t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, self.solver, problem.atol, problem.rtol,
+        with _TorchdynStepRecorder(self.solver, start_rng=RngState.capture(x.device)) as recorder:
+            t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, recorder.solver, problem.atol, problem.rtol,
                                            interpolator=problem.interpolator, save_at=self.save_at, args=self.args)
         recorder.finish()
+        self.solver = recorder.solver  # this solve's copy, with the tableau torchdyn synchronised to x
         self.f, self.t_eval = recorder.f, t_eval
         self.tableau = _tableau_of(self.solver)
         steps, final_state = recorder.steps, recorder.final_state
@@ -564,14 +555,14 @@ def _check_states(x: torch.Tensor, states: Sequence[torch.Tensor]) -> None:
 # --------------------------------------------------------------------------------------------------------
 # The entry point torchdyn's dispatch returns.
 
-def _symplectic_odeint(problem: Any, vf_params: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any = (),
+def _solve_problem(problem: Any, vf_params: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any = (),
                        args: Any = None):
     """``ODEProblem.odeint`` for ``sensitivity="symplectic_adjoint"``; returns ``(t_eval, sol)`` like torchdyn."""
     del vf_params  # torchdyn's flat copy of the parameters; we differentiate w.r.t. the parameters themselves
     args = {} if args is None else args
     solver = problem.solver
     _check_solver(solver)
-    _check_inputs(x, t_span)
+    _check_state_and_t_span(x, t_span)
     interpolator = _replay_interpolator(problem.interpolator, solver, x, t_span)
     params = _parameters(problem)
 
@@ -605,20 +596,12 @@ def _check_solver(solver: Any) -> None:
         "sensitivity='autograd' or 'adjoint' with them.")
 
 
-def _check_inputs(x: Any, t_span: Any) -> None:
+def _check_state_and_t_span(x: Any, t_span: Any) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"sensitivity='{SENSITIVITY}' needs the state x to be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
         raise TypeError(f"x must be a floating point tensor, got dtype {x.dtype}")
-    if not isinstance(t_span, torch.Tensor) or not torch.is_floating_point(t_span):
-        raise TypeError(f"t_span must be a 1-D floating point torch.Tensor of times, got {t_span!r}")
-    if t_span.ndim != 1 or len(t_span) < 2:
-        raise ValueError(f"t_span must be a 1-D tensor of at least two times (start and end), got shape "
-                         f"{tuple(t_span.shape)}, e.g. torch.linspace(0, 1, 2)")
-    diff = t_span[1:] - t_span[:-1]
-    if not (bool((diff > 0).all()) or bool((diff < 0).all())):
-        raise ValueError("t_span must be strictly increasing or strictly decreasing (no repeated or out-of-order "
-                         f"times), got {t_span.detach().cpu().tolist()}")
+    check_times(t_span, "t_span", min_points=2)
 
 
 def _replay_interpolator(spec: Any, solver: Any, x: torch.Tensor, t_span: torch.Tensor) -> Any:
@@ -640,16 +623,9 @@ def _replay_interpolator(spec: Any, solver: Any, x: torch.Tensor, t_span: torch.
 
 
 def _parameters(problem: Any) -> tuple[torch.Tensor, ...]:
-    candidates = list(problem.vf.parameters()) if isinstance(problem.vf, torch.nn.Module) else []
-    if isinstance(problem.integral_loss, torch.nn.Module):
-        candidates += list(problem.integral_loss.parameters())
-    seen: set[int] = set()
-    params = []
-    for p in candidates:
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    return tuple(params)
+    """The vector field's parameters (with torchdyn's ``optimizable_params``) and an ``integral_loss`` module's."""
+    return parameters_requiring_grad(*(m for m in (problem.vf, problem.integral_loss)
+                                       if isinstance(m, torch.nn.Module)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -659,7 +635,7 @@ def _wrap_dispatch(original: Callable) -> Callable:
     @functools.wraps(original)
     def _autograd_func(self):
         if self.sensalg == SENSITIVITY:
-            return functools.partial(_symplectic_odeint, self)
+            return functools.partial(_solve_problem, self)
         if self.sensalg not in _TORCHDYN_SENSITIVITIES:
             raise ValueError(_unknown_sensitivity(self.sensalg, VALID_SENSITIVITIES))
         return original(self)
@@ -691,15 +667,15 @@ def _unknown_sensitivity(value: Any, valid: Sequence[str]) -> str:
 _DISPATCHES = (("ODEProblem", _wrap_dispatch), ("MultipleShootingProblem", _wrap_multiple_shooting_dispatch))
 
 
-def register() -> list[tuple[object, str, object]]:
+def install() -> list[tuple[object, str, object]]:
     """Wraps torchdyn's sensitivity dispatch (``ODEProblem._autograd_func`` and its multiple-shooting override).
+    Use ``symadj_plugins.register()``, which calls this once.
 
     Returns the ``(owner, attribute, original)`` triples that ``symadj_plugins.unregister()`` restores. Raises
-    ``RuntimeError`` naming the installed torchdyn version if its internals are not what this module expects.
+    ``RuntimeError`` naming the installed torchdyn version, before patching anything, if its internals are not
+    what this module expects.
     """
-    problems = _check_torchdyn()
-    if problems:
-        raise _internals_error("; ".join(problems))
+    check_internals("torchdyn", TESTED_VERSION, _check_torchdyn(), _INTERNALS_ADVICE)
     changes = []
     for class_name, wrap in _DISPATCHES:
         cls = getattr(_problems, class_name)
@@ -707,6 +683,14 @@ def register() -> list[tuple[object, str, object]]:
         changes.append((cls, "_autograd_func", original))
         cls._autograd_func = wrap(original)
     return changes
+
+
+def register() -> None:
+    """Same as ``symadj_plugins.register()`` (which registers every installed host library; it is idempotent and
+    ``symadj_plugins.unregister()`` undoes it)."""
+    from . import register as _register
+
+    _register()
 
 
 # --------------------------------------------------------------------------------------------------------

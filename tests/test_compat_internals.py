@@ -14,6 +14,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutt
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from symadj_plugins import torchdiffeq as adapter
+from symadj_plugins.inputs import check_times, parameters_requiring_grad
 
 
 def test_torchdiffeq_private_names():
@@ -48,13 +49,18 @@ def test_runge_kutta_step_returns_y1_f1_error_and_stages():
     assert torch.equal(f1, k[..., -1])
 
 
-def test_adapter_private_names():
-    assert list(inspect.signature(adapter._TorchdiffeqHost.__init__).parameters)[:6] == [
-        "self", "func", "method", "rtol", "atol", "options"]
-    for attr in ("solve", "stage_calls", "vector_field", "dense_output"):
-        assert callable(getattr(adapter._TorchdiffeqHost, attr))
-    assert set(adapter._FixedGridRule.__dataclass_fields__) == {"tableau", "stage_times", "perturb_prev"}
-    assert callable(adapter._check_time)
+def test_adapter_public_api_it_uses():
+    assert list(inspect.signature(adapter.torchdiffeq_host).parameters)[:5] == [
+        "func", "method", "rtol", "atol", "options"]
+    assert {"rule", "store_stages"} <= set(inspect.signature(adapter.torchdiffeq_host).parameters)
+    assert set(adapter.FixedGridRule.__dataclass_fields__) == {"tableau", "stage_times", "perturb_prev"}
+    assert callable(check_times) and callable(parameters_requiring_grad)
+
+
+def test_importing_compat_leaves_the_adapter_unchanged():
+    # The classical RK4 rule travels with each call; the adapter's table of torchdiffeq's solvers is not extended.
+    assert _methods.ClassicalRK4 not in adapter._FIXED_GRID
+    assert all(cls.__module__.startswith("torchdiffeq.") for cls in adapter._FIXED_GRID)
 
 
 def test_classical_rk4_host_is_a_full_adapter_host():
@@ -63,7 +69,7 @@ def test_classical_rk4_host_is_a_full_adapter_host():
                                                           torch.linspace(0, 1, 3, dtype=torch.float64), 1e-7, 1e-9,
                                                           "rk4", {})
     host = _host.make_host(func, "rk4", rtol, atol, options)
-    reference = adapter._TorchdiffeqHost(func, "rk4", rtol, atol, options)
+    reference = adapter.torchdiffeq_host(func, "rk4", rtol, atol, options)
     assert set(vars(host)) == set(vars(reference))
     assert host.solver_cls is _methods.ClassicalRK4 and host.tableau.b == (1 / 6, 1 / 3, 1 / 3, 1 / 6)
     assert host.fixed_rule.stage_times == (0.0, 0.5, 0.5, "t1")

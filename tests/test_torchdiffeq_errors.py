@@ -7,8 +7,11 @@ import weakref
 
 import pytest
 import torch
+import torchdiffeq
 from helpers import TimeDependentField
+from torchdiffeq._impl.odeint import SOLVERS
 
+from symadj_plugins import torchdiffeq as adapter
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
 
 
@@ -21,12 +24,37 @@ def problem():
     return func, y0, t
 
 
-@pytest.mark.parametrize("method", ["explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver",
-                                    "backward_euler", "not_a_method"])
+# Methods of torchdiffeq that are not explicit Runge-Kutta methods (backward_euler: torchdiffeq after 0.2.5).
+NOT_RK = [m for m in ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "backward_euler")
+          if m in SOLVERS]
+# Names the installed torchdiffeq does not know: a typo, or a method of a newer torchdiffeq (tsit5 after 0.2.5).
+UNKNOWN = ["not_a_method", "dopri", *(m for m in ("tsit5", "backward_euler") if m not in SOLVERS)]
+
+
+@pytest.mark.parametrize("method", NOT_RK)
 def test_unsupported_method_lists_supported(problem, method):
     func, y0, t = problem
     with pytest.raises(ValueError, match=r"not supported.*supported: dopri8, dopri5.*rk4"):
         odeint_symplectic_adjoint(func, y0, t, method=method)
+
+
+@pytest.mark.parametrize("method", UNKNOWN)
+def test_method_unknown_to_torchdiffeq_gets_torchdiffeqs_error(problem, method):
+    func, y0, t = problem
+    with pytest.raises(ValueError) as ours:
+        odeint_symplectic_adjoint(func, y0, t, method=method)
+    with pytest.raises(ValueError) as theirs:
+        torchdiffeq.odeint(func, y0, t, method=method)
+    assert str(ours.value) == str(theirs.value)
+    assert str(ours.value).startswith(f'Invalid method "{method}"')
+    assert "explicit Runge" not in str(ours.value)
+
+
+@pytest.mark.parametrize("entry", ["odeint_symplectic_adjoint", "odeint_adjoint"])
+def test_symplectic_as_method_says_it_is_an_adjoint_method(problem, entry):
+    func, y0, t = problem
+    with pytest.raises(ValueError, match=r"method='symplectic' is not an ODE solver.*adjoint_method='symplectic'"):
+        getattr(adapter, entry)(func, y0, t, method="symplectic")
 
 
 def test_event_fn_not_implemented(problem):

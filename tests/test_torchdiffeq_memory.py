@@ -7,53 +7,13 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 import torchdiffeq
 from helpers import TimeDependentField
 
+from symadj_plugins.bench.saved import SavedTensorBytes
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
-
-
-class _Box:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class SavedBytes:
-    """Counts bytes of tensors autograd saves while active, and how many of them are alive at once.
-
-    Tensors in ``exclude`` (parameters, inputs, outputs: alive anyway) are not counted.
-    """
-
-    def __init__(self, exclude=()):
-        self.exclude = {x.untyped_storage().data_ptr() for x in exclude}
-        self.total = self.live = self.peak = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def pack(self, tensor):
-        box = _Box(tensor)
-        if tensor.untyped_storage().data_ptr() not in self.exclude:
-            nbytes = tensor.numel() * tensor.element_size()
-            self.total += nbytes
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(box, self._free, nbytes)
-        return box
-
-    @staticmethod
-    def unpack(box):
-        return box.tensor
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
 
 STEPS = 20  # fixed grid: the same number of steps whatever the network
 
@@ -63,8 +23,8 @@ def held_between_forward_and_backward(solve, width, depth):
     func = TimeDependentField(dim=4, width=width, depth=depth).double()
     y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    meter = SavedBytes(exclude=[*func.parameters(), y0, t])
-    with meter.hooks():
+    meter = SavedTensorBytes(exclude=[*func.parameters(), y0, t])
+    with meter:
         out = solve(func, y0, t)
     return meter.total, y0.numel() * y0.element_size(), out
 
@@ -116,14 +76,14 @@ def test_at_most_one_graph_of_func_alive_during_backward(method, options):
     y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 0.33, 1.0], dtype=torch.float64)
 
-    one_graph = SavedBytes(exclude=[*func.parameters()])
-    with one_graph.hooks():
+    one_graph = SavedTensorBytes(exclude=[*func.parameters()])
+    with one_graph:
         func(t[0], y0.detach().requires_grad_())
     assert one_graph.total > 0
 
     out = odeint_symplectic_adjoint(func, y0, t, method=method, options=options)
-    meter = SavedBytes(exclude=[*func.parameters()])
-    with meter.hooks():
+    meter = SavedTensorBytes(exclude=[*func.parameters()])
+    with meter:
         out.pow(2).sum().backward()
     assert meter.total > 0, "the hooks must see the graphs built in backward"
     # One graph of func, plus (cubic dense output) a few interpolation weights: far below two graphs.

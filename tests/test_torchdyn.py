@@ -308,8 +308,8 @@ def test_integral_loss_with_an_adaptive_solver():
     _, sol = model(x, t_span)
     ours = grads(sol[-1].pow(2).sum(), wrt)
 
-    with torch.no_grad(), adapter._StepRecorder(model.solver) as recorder:
-        torchdyn_problems.odeint(model.vf, x, t_span, model.solver, model.atol, model.rtol)
+    with torch.no_grad(), adapter._TorchdynStepRecorder(model.solver) as recorder:
+        torchdyn_problems.odeint(model.vf, x, t_span, recorder.solver, model.atol, model.rtol)
     recorder.finish()
 
     def augmented_field(t, z):
@@ -410,7 +410,8 @@ def test_register_hooks_the_dispatch_only_and_unregister_restores_it():
     symadj_plugins.unregister()
     originals = {cls: cls.__dict__["_autograd_func"]
                  for cls in (torchdyn_problems.ODEProblem, torchdyn_problems.MultipleShootingProblem)}
-    with pytest.raises(TypeError):  # torchdyn alone: its dispatch returns None for a string it does not know
+    # torchdyn alone returns None for a sensitivity it does not know; imported, symadj_plugins says what is missing.
+    with pytest.raises(RuntimeError, match=r"not registered with torchdyn: call symadj_plugins\.register\(\)"):
         _forward(NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4"))
 
     symadj_plugins.register()
@@ -453,9 +454,115 @@ def test_registration_fails_loudly_when_torchdyn_changes(monkeypatch):
     symadj_plugins.unregister()
     monkeypatch.setattr(RungeKutta4, "step", textbook_rk4_step)
     with pytest.raises(RuntimeError, match=r"torchdyn 1\.0\.6 .*RungeKutta4.step evaluates stage 2 at t \+ 0\.5 dt"):
-        adapter.register()
+        symadj_plugins.register()
 
     monkeypatch.undo()
     monkeypatch.delattr(torchdyn_problems.MultipleShootingProblem, "_autograd_func")
     with pytest.raises(RuntimeError, match=r"MultipleShootingProblem\._autograd_func is missing"):
-        adapter.register()
+        symadj_plugins.register()
+
+
+# --------------------------------------------------------------------------------------------------------
+# One model, several threads; and nothing of torchdyn's left changed by a failed solve
+
+@pytest.mark.parametrize("solver", ["rk4", "dopri5"])
+def test_one_model_solves_in_two_threads_with_the_single_thread_gradient(solver):
+    import threading
+
+    field, x = problem(torch.float64)
+    model = NeuralODE(field, sensitivity="symplectic_adjoint", solver=solver, atol=1e-6, rtol=1e-6)
+    t_span = torch.linspace(0, 1, 3, dtype=torch.float64)
+    wrt = [x, *field.parameters()]
+    _, sol = model(x, t_span)
+    reference = grads(loss_of(sol), wrt)
+
+    results, errors = [], []
+
+    def solve_twenty_times():
+        for _ in range(20):
+            try:
+                _, sol = model(x, t_span)
+                results.append(grads(loss_of(sol), wrt))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=solve_twenty_times) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert len(results) == 40
+    for got in results:
+        assert all(torch.equal(g, r) for g, r in zip(got, reference))
+    assert "step" not in vars(model.solver)
+
+
+def test_an_error_inside_the_field_leaves_torchdyns_solver_as_it_was():
+    field, x = problem(torch.float64)
+
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.field, self.fail = field, True
+
+        def forward(self, t, x, args=None):
+            if self.fail:
+                raise FloatingPointError("the field failed")
+            return self.field(t, x)
+
+    failing = Failing()
+    model = NeuralODE(failing, sensitivity="symplectic_adjoint", solver="dopri5", atol=1e-6, rtol=1e-6)
+    t_span = torch.linspace(0, 1, 3, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="the field failed"):
+        model(x, t_span)
+    assert "step" not in vars(model.solver)
+    assert type(model.solver).step is torchdyn_dopri5_step()
+
+    failing.fail = False
+    model.sensalg = "autograd"
+    _, sol = model(x, t_span)
+    _, expected = NeuralODE(field, sensitivity="autograd", solver="dopri5", atol=1e-6, rtol=1e-6)(x, t_span)
+    assert torch.equal(sol, expected)
+    model.sensalg = "symplectic_adjoint"
+    _, sol = model(x, t_span)
+    assert torch.equal(sol, expected)
+
+
+def torchdyn_dopri5_step():
+    from torchdyn.numerics.solvers.ode import DormandPrince45
+
+    return DormandPrince45.__dict__["step"]
+
+
+def test_unregistered_sensitivity_names_register_in_a_fresh_process_that_unpickles_a_model(tmp_path):
+    """symadj_plugins imported (before torchdyn) but not registered: a model unpickled there says to call
+    register(); after register() the same model solves."""
+    import pickle
+    import subprocess
+    import sys
+
+    model = NeuralODE(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)), sensitivity="symplectic_adjoint",
+                      solver="rk4")
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(model))
+    script = f"""
+import pickle, sys, torch
+import symadj_plugins
+assert "torchdyn" not in sys.modules
+model = pickle.loads(open({str(path)!r}, "rb").read())
+x = torch.randn(3, 2, requires_grad=True)
+try:
+    model(x, torch.linspace(0, 1, 3))
+except RuntimeError as exc:
+    print("ERROR:", exc)
+symadj_plugins.register()
+_, sol = model(x, torch.linspace(0, 1, 3))
+sol.sum().backward()
+print("SOLVED:", x.grad is not None)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ERROR: sensitivity='symplectic_adjoint' is provided by symadj-plugins" in done.stdout
+    assert "call symadj_plugins.register()" in done.stdout
+    assert "SOLVED: True" in done.stdout

@@ -5,7 +5,6 @@ in memory between forward and backward (measured with saved-tensor hooks)."""
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import pytest
 import pytorch_lightning as pl
@@ -17,6 +16,7 @@ from torchdyn.models import CNF, hutch_trace
 from torchdyn.nn import Augmenter, DataControl, DepthCat
 
 import symadj_plugins
+from symadj_plugins.bench.saved import SavedTensorBytes
 
 F64 = torch.float64
 
@@ -155,45 +155,6 @@ def test_depth_variable_set_by_defunc(solver, dtype, monkeypatch):
 # --------------------------------------------------------------------------------------------------------
 # Memory held between forward and backward
 
-class _Box:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class HeldBytes:
-    """Bytes of the storages that autograd's saved tensors keep alive, while the graph that saved them is alive.
-
-    Storages of ``exclude`` (parameters, the input: alive anyway) are not counted; each storage counts once.
-    """
-
-    def __init__(self, exclude=()):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, saved tensors alive]
-
-    def pack(self, tensor):
-        box = _Box(tensor)
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in self.exclude:
-            self.live.setdefault(pointer, [tensor.untyped_storage().nbytes(), 0])[1] += 1
-            weakref.finalize(box, self._release, pointer)
-        return box
-
-    def _release(self, pointer):
-        self.live[pointer][1] -= 1
-        if not self.live[pointer][1]:
-            del self.live[pointer]
-
-    @staticmethod
-    def unpack(box):
-        return box.tensor
-
-    @property
-    def held(self) -> int:
-        return sum(nbytes for nbytes, _ in self.live.values())
-
-
 class SizeIndependentField(nn.Module):
     """``MLP(x) - (1 + t)·x/2`` with the MLP's last layer at zero: the same trajectory (and adaptive steps)
     for every width and depth, while the network is evaluated, and differentiated, at every stage."""
@@ -215,8 +176,8 @@ def held_between_forward_and_backward(sensitivity, solver, width, depth, dtype=t
     x = torch.randn(8, 4, dtype=dtype, requires_grad=True)
     t_span = torch.linspace(0, 1, 3, dtype=dtype)
     model = NeuralODE(field, sensitivity=sensitivity, solver=solver, atol=1e-4, rtol=1e-4)
-    meter = HeldBytes(exclude=[*field.parameters(), x])
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    meter = SavedTensorBytes(exclude=[*field.parameters(), x])
+    with meter:
         _, sol = model(x, t_span)
     held = meter.held
     sol.sum().backward()  # the measured graph is a usable one

@@ -25,6 +25,7 @@ import torchdiffeq
 
 from symadj_plugins import torchdiffeq as _adapter
 from symadj_plugins.core import Trajectory, odeint_symplectic
+from symadj_plugins.inputs import check_times
 
 from . import _host
 from ._methods import SOLVERS, ClassicalRK4, check_method, prepare, torchdiffeq_name
@@ -82,7 +83,7 @@ def odeint_symplectic_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
     if SOLVERS[method] is not ClassicalRK4:
         return _adapter.odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=torchdiffeq_name(method),
                                                   options=options, adjoint_params=params)
-    _adapter._check_time(t)
+    check_times(t)
     shapes, func, y0, t_norm, rtol, atol, options = _host.normalise(func, y0, t, rtol, atol, method, options)
     host = _host.make_host(func, method, rtol, atol, options)
     return _unflatten(odeint_symplectic(host, y0, t_norm, params), t, shapes)
@@ -99,7 +100,7 @@ def odeint_checkpoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options
     _no_events(event_fn)
     method, options = prepare(method, options, t)
     params = _host.default_params(func, adjoint_params)
-    _adapter._check_time(t)
+    check_times(t)
     shapes, func, y0, t_norm, rtol, atol, options = _host.normalise(func, y0, t, rtol, atol, method, options)
     host = _host.make_host(func, method, rtol, atol, options)
     return _unflatten(_PerStepCheckpoint.apply(host, y0, t_norm, *params), t, shapes)

@@ -6,13 +6,13 @@ there and loudly):
 
 torchdiffeq
     ``_impl.misc._check_inputs`` / ``_flat_to_shape`` / ``Perturb``, ``_impl.odeint.SOLVERS``,
-    ``_impl.adjoint.find_parameters``, ``_impl.solvers.FixedGridODESolver`` (``_step_func``, ``perturb``),
+    ``_impl.solvers.FixedGridODESolver`` (``_step_func``, ``perturb``),
     ``_impl.rk_common.rk4_step_func`` and ``_runge_kutta_step(func, y0, f0, t0, dt, t1, tableau)`` (returns
     ``(y1, f1, y1_error, k)``), ``RKAdaptiveStepsizeODESolver.tableau``.
-symadj_plugins.torchdiffeq (the adapter)
-    ``_TorchdiffeqHost(func, method_or_solver_class, rtol, atol, options)`` (``solve``, ``stage_calls``,
-    ``vector_field``, ``dense_output``; attributes ``solver_cls``, ``tableau``, ``adaptive``, ``solver``),
-    ``register_fixed_grid_solver``, ``_check_time``.
+symadj_plugins (public API only)
+    ``symadj_plugins.torchdiffeq.torchdiffeq_host`` and ``FixedGridRule`` (the host's ``solve``, ``stage_calls``,
+    ``vector_field``, ``dense_output``; attributes ``func``, ``tableau``, ``adaptive``, ``solver``),
+    ``symadj_plugins.inputs.parameters_requiring_grad``, ``symadj_plugins.core.tableaux.RK4_CLASSICAL``.
 
 """
 
@@ -21,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torchdiffeq._impl.adjoint import find_parameters
 from torchdiffeq._impl.misc import _check_inputs, _flat_to_shape
 from torchdiffeq._impl.rk_common import _runge_kutta_step
 
-from symadj_plugins.core import ButcherTableau, Trajectory
-from symadj_plugins.torchdiffeq import _TorchdiffeqHost, register_fixed_grid_solver
+from symadj_plugins.core import HostSolver, Trajectory
+from symadj_plugins.core.tableaux import RK4_CLASSICAL
+from symadj_plugins.inputs import parameters_requiring_grad
+from symadj_plugins.torchdiffeq import FixedGridRule, torchdiffeq_host
 
 from ._methods import SOLVERS, ClassicalRK4, torchdiffeq_name
 
@@ -34,20 +35,16 @@ __all__ = ["make_host", "normalise", "default_params", "replay_step", "_flat_to_
 
 # The classical RK4 as the symplectic adjoint needs to know it: tableau, where torchdiffeq's rk4_step_func
 # evaluates each stage (t0 + dt * 0.5 twice, then the grid point t1), and which stage it perturbs to just
-# before t1 when perturb=True. Registered with the adapter only; torchdiffeq's SOLVERS is not touched.
-register_fixed_grid_solver(
-    ClassicalRK4,
-    ButcherTableau.from_rows([0.0, 0.5, 0.5, 1.0], [[0.5], [0.0, 0.5], [0.0, 0.0, 1.0]],
-                             [1 / 6, 1 / 3, 1 / 3, 1 / 6], name="rk4 (classical)"),
-    stage_times=(0.0, 0.5, 0.5, "t1"),
-    perturb_prev=(False, False, False, True),
-)
+# before t1 when perturb=True. Handed to the adapter per call; neither it nor torchdiffeq's SOLVERS is changed.
+CLASSICAL_RK4_RULE = FixedGridRule(RK4_CLASSICAL, stage_times=(0.0, 0.5, 0.5, "t1"),
+                                   perturb_prev=(False, False, False, True))
 
 
-def make_host(func: Callable, method: str, rtol, atol, options: dict) -> _TorchdiffeqHost:
+def make_host(func: Callable, method: str, rtol, atol, options: dict) -> HostSolver:
     """The adapter's host for one of this package's method names (``func`` etc. already normalised)."""
-    solver = SOLVERS[method] if SOLVERS[method] is ClassicalRK4 else torchdiffeq_name(method)
-    return _TorchdiffeqHost(func, solver, rtol, atol, options)
+    if SOLVERS[method] is ClassicalRK4:
+        return torchdiffeq_host(func, ClassicalRK4, rtol, atol, options, rule=CLASSICAL_RK4_RULE)
+    return torchdiffeq_host(func, torchdiffeq_name(method), rtol, atol, options)
 
 
 def normalise(func, y0, t, rtol, atol, method: str, options: dict):
@@ -65,11 +62,11 @@ def default_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
     """The original's rule: the parameters of ``func`` if it is an ``nn.Module``, otherwise none; then only those
     that require grad."""
     if adjoint_params is None:
-        adjoint_params = find_parameters(func) if isinstance(func, torch.nn.Module) else ()
-    return tuple(p for p in adjoint_params if p.requires_grad)
+        return parameters_requiring_grad(func if isinstance(func, torch.nn.Module) else None)
+    return parameters_requiring_grad(adjoint_params)
 
 
-def replay_step(host: _TorchdiffeqHost, trajectory: Trajectory, n: int, y0: torch.Tensor,
+def replay_step(host: HostSolver, trajectory: Trajectory, n: int, y0: torch.Tensor,
                 first_stage: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
     """Step ``n`` again, exactly as torchdiffeq took it in ``host.solve``, with whatever graph is enabled.
 
