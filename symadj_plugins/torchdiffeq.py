@@ -167,6 +167,13 @@ class _TorchdiffeqStepRecorder:
         return out
 
     def callback_step(self, t0, y0, dt):
+        self.begin_step(t0, y0, dt)
+        self.func.callback_step(t0, y0, dt)
+
+    def begin_step(self, t0, y0, dt):
+        """A step is attempted: start collecting its stage inputs; record it if the grid is fixed (every
+        step accepted). Called by ``callback_step``, and directly for fixed-grid steps taken by
+        ``integrate_until_event``, which calls no callback."""
         # Adaptive steps start from the carried k_1 (stage 1 input: y0) and call f for stages 2..s;
         # fixed-grid steps call f for every stage.
         self._attempt_rng = [self._k1_rng] if self.adaptive else []
@@ -174,7 +181,6 @@ class _TorchdiffeqStepRecorder:
             self._attempt = [y0] if self.adaptive else []
         if not self.adaptive:  # fixed grid: every step is accepted
             self._record(t0, y0, dt, _START_INITIAL, None)
-        self.func.callback_step(t0, y0, dt)
 
     def callback_accept_step(self, t0, y0, dt):
         if self.adaptive:
@@ -234,10 +240,22 @@ class _TorchdiffeqHost(HostSolver):
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
     def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False,
-                 rule: FixedGridRule | None = None, user_func: Callable | None = None):
+                 rule: FixedGridRule | None = None, user_func: Callable | None = None,
+                 event_fn: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
         self.store_stages = store_stages
+        # Event mode (torchdiffeq's normalised event_fn): solve until it changes sign; `solve` sets
+        # `event_t` (normalised time) and `num_steps`.
+        self.event_fn = event_fn
+        self.event_t: torch.Tensor | None = None
+        self.num_steps = 0
+        # A zero scalar whose gradient is ∂L/∂t_0 of the discrete solution (event mode): passed to the core
+        # as a parameter and added to every time at which the backward pass evaluates f or dense output, so
+        # the core's parameter VJPs sum κᵀ ∂f/∂t over all stages (every stage time is t_0 + constants).
+        self.time_shift: torch.Tensor | None = None
+        # With time_shift: d/dt of the forward's dense output at event_t (coefficients held fixed), see solve.
+        self.event_rate: torch.Tensor | None = None
         # A name in torchdiffeq's SOLVERS, or a solver class (a fixed-grid one torchdiffeq lacks comes with its rule).
         self.solver_cls = SOLVERS[method] if isinstance(method, str) else method
         self.method = method if isinstance(method, str) else self.solver_cls.__name__
@@ -263,15 +281,45 @@ class _TorchdiffeqHost(HostSolver):
                                             stages_to_keep=tab.num_stages if self.store_stages else 0)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
-        solution = solver.integrate(t)
-        if len(t) > 1 and not recorder.t0:
+        fixed_event_end: list = []
+        if self.event_fn is None:
+            solution = solver.integrate(t)
+        else:
+            if not self.adaptive:
+                fixed_event_end = _record_fixed_grid_event_steps(solver, recorder)
+            event_t, solution = solver.integrate_until_event(t[0], self.event_fn)
+            self.event_t = event_t.detach()
+        if len(t) > 1 and not recorder.t0 and self.event_fn is None:
             raise RuntimeError(f"torchdiffeq {torchdiffeq.__version__} did not report its steps through "
                                "func.callback_step / callback_accept_step (added in torchdiffeq 0.2.4); "
                                "symadj-plugins needs torchdiffeq>=0.2.4")
+        self.num_steps = len(recorder.t0)
+
+        if self.time_shift is not None and self.num_steps:
+            # The event state is the last step's dense output at the constant time event_t, so shifting t_0 (and
+            # with it the step) by δ moves it by -δ·(d/dt of the dense output). That rate needs the real stage
+            # values, which the core's dense-output VJP does not have (it passes zeros): take it here, from the
+            # forward's own interpolant, differentiated in its evaluation time.
+            if self.adaptive:
+                state = solver.rk_state
+                self.event_rate = _time_derivative(
+                    lambda tau: _interp_evaluate(state.interp_coeff, state.t0, state.t1, tau), self.event_t)
+            else:
+                t0_last, t1_last, y0_last, y1_last, f0_last = fixed_event_end
+                if solver.interp == "cubic":
+                    f1_last = self.func(t1_last, y1_last)  # as torchdiffeq's integrate_until_event does
+                    interp = functools.partial(solver._cubic_hermite_interp, t0_last, y0_last, f0_last, t1_last,
+                                               y1_last, f1_last)
+                else:
+                    interp = functools.partial(solver._linear_interp, t0_last, t1_last, y0_last, y1_last)
+                self.event_rate = _time_derivative(interp, self.event_t)
 
         if self.adaptive:
             final_t1, final_y = solver.rk_state.t1, solver.rk_state.y1
             solver.rk_state = None  # drop the solver's own copies of the last step
+        elif fixed_event_end:
+            final_t1, final_y = fixed_event_end[1], fixed_event_end[3]  # the end of the step with the event
+            del solver._step_func  # drop the recording wrapper (an instance attribute)
         else:
             # torchdiffeq's grid ends exactly at t[-1]. A copy, not a view of the solution: the caller may write
             # into the solution before backward(), as with backprop.
@@ -292,10 +340,16 @@ class _TorchdiffeqHost(HostSolver):
 
         # Output k >= 1 is produced in the first accepted step that ends at or after t[k] (both the
         # adaptive `while next_t > t1` loop and the fixed-grid `while t1 >= t[j]` loop do this).
-        step_of_output = torch.searchsorted(t1.cpu(), t[1:].detach().cpu().to(time_dtype), side="left").tolist()
         outputs_in_step: dict[int, list[int]] = {}
-        for k, n in enumerate(step_of_output, start=1):
-            outputs_in_step.setdefault(n, []).append(k)
+        if self.event_fn is not None:
+            # The state at the event: dense output inside the last step, at the constant time event_t
+            # (found under no_grad). No step at all when event_fn(t0, y0) == 0; the caller handles that.
+            if self.num_steps:
+                outputs_in_step[self.num_steps - 1] = [1]
+        else:
+            step_of_output = torch.searchsorted(t1.cpu(), t[1:].detach().cpu().to(time_dtype), side="left").tolist()
+            for k, n in enumerate(step_of_output, start=1):
+                outputs_in_step.setdefault(n, []).append(k)
 
         stage_inputs = None
         if self.store_stages:
@@ -349,22 +403,83 @@ class _TorchdiffeqHost(HostSolver):
                 calls.append(StageCall(times[i], (("perturb", flag),)))
         return calls
 
+    def _shifted(self, t: torch.Tensor) -> torch.Tensor:
+        # t + 0 is t bit for bit: the shift only carries the derivative w.r.t. t_0.
+        return t if self.time_shift is None else t + self.time_shift.to(t.dtype)
+
     def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
-        return self.func(t, y, **dict(kwargs))
+        return self.func(self._shifted(t), y, **dict(kwargs))
 
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
+        # Unshifted step ends: the event state's dependence on t_0 through them is event_rate (see solve).
         t0, t1, dt = trajectory.t0[n], trajectory.t1[n], trajectory.dt[n]
+        if self.event_fn is not None:
+            t_out = self.event_t  # the only output after y0; a constant, as in torchdiffeq's find_event
         if self.adaptive:
             coeffs = self.solver._interp_fit(y0, y1, torch.stack(list(k), dim=-1), dt)
             return _interp_evaluate(coeffs, t0, t1, t_out.to(t0.dtype))
         if self.solver.interp == "linear":
             return self.solver._linear_interp(t0, t1, y0, y1, t_out)
         if self.solver.interp == "cubic":
-            f1 = self.func(t1, y1)
+            f1 = self.func(self._shifted(t1), y1)
             return self.solver._cubic_hermite_interp(t0, y0, k[0], t1, y1, f1, t_out)
         raise ValueError(f"Unknown interpolation method {self.solver.interp!r}; torchdiffeq supports "
                          "'linear' and 'cubic'")
+
+
+def _record_fixed_grid_event_steps(solver: Any, recorder: _TorchdiffeqStepRecorder) -> list:
+    """Makes ``solver`` (a fixed-grid solver) record each step it takes in ``integrate_until_event``, which
+    calls no callback. Returns a list that holds ``[t0, t1, y0, y1, f0]`` of the last step once it has run
+    (``y1`` formed exactly as torchdiffeq forms it, ``y0 + dy``; ``f0`` its first stage)."""
+    step_func = solver._step_func
+    end: list = []
+
+    def recording_step_func(func, t0, dt, t1, y0):
+        # step_size may be a Python float; the trajectory keeps step sizes as tensors of the time dtype.
+        recorder.begin_step(t0, y0, torch.as_tensor(dt, dtype=t0.dtype, device=t0.device))
+        dy, f0 = step_func(func, t0, dt, t1, y0)
+        end[:] = [t0, t1, y0, y0 + dy, f0]
+        return dy, f0
+
+    solver._step_func = recording_step_func
+    return end
+
+
+def _time_derivative(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """``d fn / dt`` at the scalar ``t`` (a tensor shaped like ``fn(t)``).
+
+    Two reverse-mode passes (the VJP is linear in its cotangent ``v``, so differentiating it w.r.t. ``v``
+    gives the Jacobian column): forward-mode AD is switched off inside an autograd Function's forward,
+    where this runs."""
+    with torch.enable_grad():
+        t = t.detach().requires_grad_(True)
+        out = fn(t)
+        if not out.requires_grad:
+            return torch.zeros_like(out)
+        v = torch.zeros_like(out, requires_grad=True)
+        (vjp,) = torch.autograd.grad(out, t, v, create_graph=True, allow_unused=True)
+        if vjp is None or not vjp.requires_grad:
+            return torch.zeros_like(out)
+        (rate,) = torch.autograd.grad(vjp, v)
+    return rate.detach()
+
+
+class _EventStateTimeShift(torch.autograd.Function):
+    """Identity on the ``(2, *state)`` event solution; its backward adds the event state's dependence on t_0
+    through the last step's dense output, ``∂L/∂t_0 += -g_1ᵀ rate`` (``g_1`` the cotangent of the event state)."""
+
+    @staticmethod
+    def forward(ctx, solution: torch.Tensor, time_shift: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rate)
+        ctx.shift_dtype = time_shift.dtype
+        return solution.clone()
+
+    @staticmethod
+    def backward(ctx, grad_solution: torch.Tensor):
+        (rate,) = ctx.saved_tensors
+        grad_shift = -(grad_solution[1] * rate).sum().to(ctx.shift_dtype)
+        return grad_solution, grad_shift, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,19 +508,28 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     ``N·s·|y|`` instead of ``N·|y|``) so that the backward pass need not recompute them: about one forward
     pass faster. Still one graph of ``func`` at a time; the gradient is the same.
 
+    Events: with ``event_fn``, the solve runs from ``t[0]`` (in the direction of ``t[1]``) until
+    ``event_fn(t, y)`` changes sign and returns ``(event_t, solution)`` exactly as ``torchdiffeq.odeint`` does
+    (adaptive methods, and fixed grids with ``options=dict(step_size=...)``), so it serves as the
+    ``odeint_interface`` of ``torchdiffeq.odeint_event``. ``event_t`` is a constant (no gradient, as in
+    torchdiffeq: ``odeint_event`` reroutes its gradient through the event state); ``solution[1]``, the last
+    step's dense output at ``event_t``, is differentiable w.r.t. ``y0``, ``adjoint_params`` and ``t[0]``, with
+    the gradient of backprop through the same steps (for ``t[0]`` too, unlike the formula above).
+
     Supported methods: every explicit Runge–Kutta method of the installed torchdiffeq (see
-    :func:`supported_methods`). Not supported: ``event_fn``, double backward (``create_graph=True``).
+    :func:`supported_methods`). Not supported: double backward (``create_graph=True``).
 
     Args:
         func: ``f(t, y)``; ``t`` a scalar tensor, ``y`` shaped like ``y0`` (or a tuple like it).
         y0: initial state, a tensor or a tuple of tensors.
         t: 1-D tensor of output times, strictly increasing or strictly decreasing; ``t[0]`` is the start.
+            With ``event_fn``: two times, the start and any time that gives the direction.
+        event_fn: optional ``event_fn(t, y) -> Tensor``; the solve stops where it crosses zero.
     Returns:
-        ``(len(t), *y0.shape)`` tensor, or a tuple of such tensors for a tuple ``y0``.
+        ``(len(t), *y0.shape)`` tensor, or a tuple of such tensors for a tuple ``y0``. With ``event_fn``:
+        ``(event_t, solution)``, ``event_t`` a scalar tensor and ``solution`` of shape ``(2, *y0.shape)``
+        (``y0`` and the state at ``event_t``), or a tuple of such for a tuple ``y0``.
     """
-    if event_fn is not None:
-        raise NotImplementedError("event_fn is not supported by the symplectic adjoint yet; use "
-                                  "torchdiffeq.odeint or torchdiffeq.odeint_adjoint for event handling.")
     check_times(t)
     method = "dopri5" if method is None else method
     if method == SYMPLECTIC:
@@ -416,14 +540,33 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     # A name torchdiffeq does not know (a typo, a method of a newer torchdiffeq) gets torchdiffeq's own
     # "Invalid method" from _check_inputs below.
     params = _adjoint_params(func, adjoint_params)
+    if event_fn is not None:
+        _check_event_inputs(event_fn, t, method, options)
 
-    shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, _, _ = _check_inputs(
-        func, y0, t, rtol, atol, method, options, None, SOLVERS)
-    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, store_stages=store_stages, user_func=func)
-    solution = odeint_symplectic(host, y0_flat, t_norm, params)
+    shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, event_fn, t_is_reversed = _check_inputs(
+        func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
+    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, store_stages=store_stages, user_func=func,
+                            event_fn=event_fn)
+    if event_fn is None:
+        solution = odeint_symplectic(host, y0_flat, t_norm, params)
+    else:
+        t_core = t_norm
+        if t_norm.requires_grad and torch.is_grad_enabled():
+            # ∂L/∂t_0 of the discrete solution (what backprop through the same steps gives, and what
+            # odeint_event's rerouting of the event time needs): see _TorchdiffeqHost.time_shift.
+            host.time_shift = t_norm[0] - t_norm[0].detach()
+            params, t_core = (*params, host.time_shift), t_norm.detach()
+        solution = odeint_symplectic(host, y0_flat, t_core, params)
+        if host.event_rate is not None:
+            solution = _EventStateTimeShift.apply(solution, host.time_shift, host.event_rate)
+        if host.num_steps == 0:  # event_fn(t0, y0) == 0: torchdiffeq returns y0 itself as the event state
+            solution = torch.cat([solution[:1], y0_flat[None]])
+        event_t = host.event_t.to(t_norm)
+        if t_is_reversed:
+            event_t = -event_t
     if shapes is not None:
         solution = _flat_to_shape(solution, (len(t),), shapes)
-    return solution
+    return solution if event_fn is None else (event_t, solution)
 
 
 def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *,
@@ -467,6 +610,18 @@ def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Ten
     ``solver`` (torchdiffeq's solver object that took the steps) are part of this contract.
     """
     return _TorchdiffeqHost(func, method, rtol, atol, options, store_stages=store_stages, rule=rule)
+
+
+def _check_event_inputs(event_fn: Any, t: torch.Tensor, method: str, options: dict | None) -> None:
+    if not callable(event_fn):
+        raise TypeError(f"event_fn must be a callable event_fn(t, y) -> Tensor, got {type(event_fn).__name__}")
+    if len(t) != 2:
+        raise ValueError(f"with event_fn, t must hold 2 times (the start, and any other time giving the direction "
+                         f"of integration), as in torchdiffeq; got len(t)={len(t)}. torchdiffeq.odeint_event "
+                         "builds it for you.")
+    if not issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver) and (options or {}).get("step_size") is None:
+        raise ValueError(f"event handling with the fixed-grid method {method!r} needs a step size: pass "
+                         "options=dict(step_size=...), as torchdiffeq requires.")
 
 
 def _adjoint_params(func: Callable, adjoint_params: Iterable[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:

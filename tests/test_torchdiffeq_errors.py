@@ -57,12 +57,6 @@ def test_symplectic_as_method_says_it_is_an_adjoint_method(problem, entry):
         getattr(adapter, entry)(func, y0, t, method="symplectic")
 
 
-def test_event_fn_not_implemented(problem):
-    func, y0, t = problem
-    with pytest.raises(NotImplementedError, match="event_fn"):
-        odeint_symplectic_adjoint(func, y0, t[:2], event_fn=lambda t, y: y.sum())
-
-
 @pytest.mark.parametrize("times", [[0.0, 0.5, 0.3], [0.0, 0.5, 0.5], [1.0, 0.5, 0.7]])
 def test_non_monotonic_t(problem, times):
     func, y0, _ = problem
