@@ -18,9 +18,9 @@ import pytest
 import torch
 import torchdiffeq
 from helpers import TimeDependentField, detached_first_step, flat_grads, rel_error
-from test_torchdiffeq_memory import SavedBytes
 
 import symadj_plugins.torchdiffeq as sa
+from symadj_plugins.bench.saved import SavedTensorBytes
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
 
 TOL = 1e-10
@@ -215,8 +215,8 @@ EVENT_AT = 0.52  # an event time that does not depend on the network: the same 1
 def held_with_events(solve, width, depth):
     func, y0, t0 = make(width=width, depth=depth)
     t0 = t0.detach().fill_(0.0).requires_grad_()  # t0 differentiated: the event-time path is on
-    meter = SavedBytes(exclude=[*func.parameters(), y0, t0])
-    with meter.hooks():
+    meter = SavedTensorBytes(exclude=[*func.parameters(), y0, t0])
+    with meter:
         event_t, solution = torchdiffeq.odeint_event(
             func, y0, t0, event_fn=lambda t, y: t - EVENT_AT + 0.0 * y.sum(), odeint_interface=solve, method="rk4",
             options={"step_size": STEP})
@@ -241,13 +241,13 @@ def test_event_memory_is_the_trajectory_and_does_not_grow_with_the_network():
 
 def test_event_backward_holds_at_most_one_graph_of_func():
     func, y0, t0 = make(width=32, depth=3)
-    one_graph = SavedBytes(exclude=[*func.parameters()])
-    with one_graph.hooks():
+    one_graph = SavedTensorBytes(exclude=[*func.parameters()])
+    with one_graph:
         func(t0.detach(), y0.detach().requires_grad_())
     event_t, solution = torchdiffeq.odeint_event(func, y0, t0, event_fn=event_for(False), method="dopri5",
                                                  rtol=RTOL, atol=ATOL, odeint_interface=odeint_symplectic_adjoint)
-    meter = SavedBytes(exclude=[*func.parameters()])
-    with meter.hooks():
+    meter = SavedTensorBytes(exclude=[*func.parameters()])
+    with meter:
         event_loss(event_t, solution).backward()
     assert meter.total > 0
     # One graph of func, plus the dense output's and odeint_event's few state-sized tensors.
