@@ -6,12 +6,15 @@
   state per step.
 - ``symadj_plugins.register()``: afterwards ``torchdiffeq.odeint_adjoint(..., adjoint_method="symplectic")``
   (and torchdyn's ``sensitivity="symplectic_adjoint"``) select it; ``unregister()`` undoes it.
+- ``symadj_plugins.SymplecticAdjoint(memory_budget=...)`` and ``with symadj_plugins.options(...)``: the method's
+  options (how much memory to spend for speed), for every entry point.
 """
 
 from ._registry import is_registered, register, unregister
 from ._torchdyn_guard import install_guard as _install_guard
+from .options import SymplecticAdjoint, options
 
 _install_guard()  # before register(), sensitivity="symplectic_adjoint" in torchdyn says to call it
 
 __version__ = "0.1.0"
-__all__ = ["register", "unregister", "is_registered", "__version__"]
+__all__ = ["SymplecticAdjoint", "register", "unregister", "is_registered", "options", "__version__"]

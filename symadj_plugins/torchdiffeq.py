@@ -23,6 +23,7 @@ raises naming the installed version if they differ; each is exercised by ``tests
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -41,9 +42,12 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ._registry import check_internals
 from .core import ButcherTableau, HostSolver, StageCall, Trajectory, odeint_symplectic
-from .core.replay import RandomnessWatch, RngState
+from .core.budget import MemoryBudget
+from .core.recording import FirstStage, StageKeeper
+from .core.replay import RngState
 from .core.tableaux import EULER, HEUN2, HEUN3, MIDPOINT, RK4_38
 from .inputs import check_times, parameters_requiring_grad
+from .options import SymplecticAdjoint, current_options
 
 __all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC", "FixedGridRule",
            "torchdiffeq_host", "install"]
@@ -115,15 +119,17 @@ class _TorchdiffeqStepRecorder:
     """Stands between a torchdiffeq solver and its (normalised) ``func`` and records accepted steps.
 
     It forwards every call and every callback, so the solver and the user's callbacks see exactly what
-    they would see under ``torchdiffeq.odeint``. It also notes which stage evaluations drew random numbers
-    (and from which generator state), so that the backward pass replays them with the same numbers.
+    they would see under ``torchdiffeq.odeint``. The stage evaluations of each attempted step (adaptive: the
+    ``s - 1`` calls after ``callback_step``, stage 1 being carried in; fixed grid: the ``s`` calls after it) go
+    through the core's :class:`~symadj_plugins.core.recording.StageKeeper`, which keeps what the memory budget
+    allows and notes the random-number state of those that drew random numbers.
     """
 
-    def __init__(self, func: Callable, adaptive: bool, carried_last_stage: bool, num_stages: int,
-                 device: torch.device, stages_to_keep: int = 0):
+    def __init__(self, func: Callable, adaptive: bool, carried_last_stage: bool, keeper: StageKeeper):
         self.func = func
         self.adaptive = adaptive
         self.carried_last_stage = carried_last_stage
+        self.keeper = keeper
         self.solver: Any = None
         self.t0: list[torch.Tensor] = []
         self.dt: list[torch.Tensor] = []
@@ -132,38 +138,26 @@ class _TorchdiffeqStepRecorder:
         self.carried: list[torch.Tensor | None] = []
         self._jumped = False
         self._checked = False
-        # Stage inputs of the step being attempted (kept only if stages_to_keep > 0): the first
-        # `stages_to_keep` calls after callback_step are the step's stages, in order.
-        self.stages_to_keep = stages_to_keep
-        self.stage_inputs: list[list[torch.Tensor]] = []
-        self._attempt: list[torch.Tensor] | None = None
-        # Random-number states, per stage of the attempt under way: the first `num_stages` calls after
-        # callback_step are the step's stages (adaptive: stages 2..s, after the k_1 it starts from).
-        self.num_stages = num_stages
-        self.randomness = RandomnessWatch(device)
-        self.stage_rng: list[list[RngState | None]] = []
-        self._attempt_rng: list[RngState | None] | None = None
-        self._k1_rng: RngState | None = None  # the state the call that produced the next attempt's k_1 started from
+        self._first_rng: RngState | None = None  # f(t_0, y_0), an adaptive solve's first call
+        self._jump_rng: RngState | None = None  # f(t_n⁺, y_n) after a jump_t
         self._num_calls = 0
-        self.drew_random_numbers = False
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor, perturb: Perturb = Perturb.NONE) -> torch.Tensor:
-        out, rng = self.randomness.call(self.func, t, y, perturb=perturb)
+        if self.keeper.expects_stage:
+            out = self.keeper.evaluate(self.func, t, y, perturb=perturb)
+        else:  # not a stage: f(t_0, y_0), the initial step's probe, f after a jump, cubic interpolation
+            out, rng = self.keeper.randomness.call(self.func, t, y, perturb=perturb)
+            self.keeper.drew_random_numbers |= rng is not None
+            if self._num_calls == 0:
+                self._first_rng = rng
+            if perturb is Perturb.NEXT:
+                self._jump_rng = rng
         if not self._checked:
             _check_func_output(out, y)
             self._checked = True
-        if rng is not None:
-            self.drew_random_numbers = True
-        if self._num_calls == 0:  # f(t_0, y_0): the first k_1 of an adaptive solve
-            self._k1_rng = rng
-        self._num_calls += 1
         if perturb is Perturb.NEXT:
             self._jumped = True
-            self._k1_rng = rng  # adaptive: f(t_n⁺, y_n) after a jump_t is the next k_1
-        if self._attempt_rng is not None and len(self._attempt_rng) < self.num_stages:
-            self._attempt_rng.append(rng)
-        if self._attempt is not None and len(self._attempt) < self.stages_to_keep:
-            self._attempt.append(y)
+        self._num_calls += 1
         return out
 
     def callback_step(self, t0, y0, dt):
@@ -171,19 +165,34 @@ class _TorchdiffeqStepRecorder:
         self.func.callback_step(t0, y0, dt)
 
     def begin_step(self, t0, y0, dt):
-        """A step is attempted: start collecting its stage inputs; record it if the grid is fixed (every
-        step accepted). Called by ``callback_step``, and directly for fixed-grid steps taken by
+        """A step is attempted: its stage evaluations follow; record it if the grid is fixed (every step
+        accepted). Called by ``callback_step``, and directly for fixed-grid steps taken by
         ``integrate_until_event``, which calls no callback."""
-        # Adaptive steps start from the carried k_1 (stage 1 input: y0) and call f for stages 2..s;
-        # fixed-grid steps call f for every stage.
-        self._attempt_rng = [self._k1_rng] if self.adaptive else []
-        if self.stages_to_keep:
-            self._attempt = [y0] if self.adaptive else []
-        if not self.adaptive:  # fixed grid: every step is accepted
+        if self.adaptive:
+            self.keeper.begin_attempt(self._first_stage(y0))
+        else:  # fixed grid: every step is accepted, and the previous one is over
+            self.keeper.finish_attempt(accepted=True)
+            self.keeper.begin_attempt(None)
             self._record(t0, y0, dt, _START_INITIAL, None)
+
+    def _first_stage(self, y0: torch.Tensor) -> FirstStage:
+        """How an adaptive attempt's k_1 was obtained (see the ``_START_*`` kinds)."""
+        if not self.states:
+            return FirstStage(y0, rng=self._first_rng)
+        if self._jumped:
+            return FirstStage(y0, rng=self._jump_rng)
+        if self.carried_last_stage:
+            return FirstStage(y0)  # stored, never evaluated again
+        last = self.keeper.last_stage()  # first same as last: the previous step's last evaluation
+        return FirstStage(y0, last.graph, last.rng)
+
+    def finish(self) -> None:
+        """After the solve: a fixed-grid step in progress is over."""
+        self.keeper.finish_attempt(accepted=True)
 
     def callback_accept_step(self, t0, y0, dt):
         if self.adaptive:
+            self.keeper.finish_attempt(accepted=True)
             carried = None
             if not self.states:
                 start = _START_INITIAL
@@ -198,14 +207,10 @@ class _TorchdiffeqStepRecorder:
         self.func.callback_accept_step(t0, y0, dt)
 
     def callback_reject_step(self, t0, y0, dt):
+        self.keeper.finish_attempt(accepted=False)
         self.func.callback_reject_step(t0, y0, dt)
 
     def _record(self, t0, y0, dt, start, carried):
-        if self.stages_to_keep:
-            self.stage_inputs.append(self._attempt)
-        self.stage_rng.append(self._attempt_rng)
-        if self.adaptive and not self.carried_last_stage:
-            self._k1_rng = self._attempt_rng[-1]  # FSAL: the last stage's evaluation is the next k_1
         self.t0.append(t0)
         self.dt.append(dt)
         self.states.append(y0)
@@ -240,11 +245,14 @@ class _TorchdiffeqHost(HostSolver):
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
     def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False,
+                 memory_budget: MemoryBudget | None = None, params: Sequence[torch.Tensor] = (),
                  rule: FixedGridRule | None = None, user_func: Callable | None = None,
                  event_fn: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
-        self.store_stages = store_stages
+        # What the forward pass keeps for the backward pass (core.budget); store_stages is the older switch.
+        self.memory_budget = memory_budget or MemoryBudget.parse("stages" if store_stages else "min")
+        self.params = tuple(params)  # differentiated: alive anyway, so not counted as graph bytes
         # Event mode (torchdiffeq's normalised event_fn): solve until it changes sign; `solve` sets
         # `event_t` (normalised time) and `num_steps`.
         self.event_fn = event_fn
@@ -277,8 +285,8 @@ class _TorchdiffeqHost(HostSolver):
         tab = self.tableau
         # A last stage evaluated at (t_{n+1}⁻, y_{n+1}) can be re-evaluated; any other must be stored.
         carried_last_stage = self.adaptive and not tab.fsal
-        recorder = _TorchdiffeqStepRecorder(self.func, self.adaptive, carried_last_stage, tab.num_stages, y0.device,
-                                            stages_to_keep=tab.num_stages if self.store_stages else 0)
+        keeper = StageKeeper(self.memory_budget, y0, tab.num_stages, self.params)
+        recorder = _TorchdiffeqStepRecorder(self.func, self.adaptive, carried_last_stage, keeper)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
         fixed_event_end: list = []
@@ -351,21 +359,19 @@ class _TorchdiffeqHost(HostSolver):
             for k, n in enumerate(step_of_output, start=1):
                 outputs_in_step.setdefault(n, []).append(k)
 
-        stage_inputs = None
-        if self.store_stages:
-            if any(len(inputs) != tab.num_stages for inputs in recorder.stage_inputs):
-                raise RuntimeError(f"torchdiffeq's {self.method} evaluated a different number of stages than its "
-                                   f"tableau has ({tab.num_stages}); please report this with your torchdiffeq version")
-            stage_inputs = [torch.stack(inputs) for inputs in recorder.stage_inputs]
-        if recorder.drew_random_numbers and not self.adaptive and self.solver.interp == "cubic":
+        recorder.finish()
+        stage_inputs, stage_graphs, stage_rng = keeper.results()
+        if len(keeper.stage_rng) != len(states) - 1 or any(len(r) != tab.num_stages for r in keeper.stage_rng):
+            raise RuntimeError(f"torchdiffeq's {self.method} evaluated a different number of stages than its tableau "
+                               f"has ({tab.num_stages}); please report this with your torchdiffeq version")
+        if keeper.drew_random_numbers and not self.adaptive and self.solver.interp == "cubic":
             raise ValueError(
                 "the vector field draws random numbers, and interp='cubic' evaluates it once more per output, outside "
                 "the steps the symplectic adjoint replays with the forward pass's random numbers; use interp='linear' "
                 "(torchdiffeq's default) or a deterministic field.")
-        stage_rng = recorder.stage_rng if recorder.drew_random_numbers else None
         host_data = _TorchdiffeqSteps(recorder.starts, self._stage_times(t0, t1, dt, y0))
         trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step, host_data,
-                                stage_inputs=stage_inputs, stage_rng=stage_rng)
+                                stage_inputs=stage_inputs, stage_graphs=stage_graphs, stage_rng=stage_rng)
         return solution, trajectory
 
     def modules(self) -> list[torch.nn.Module]:
@@ -490,7 +496,9 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
                               method: str | None = None, options: dict | None = None,
                               event_fn: Callable | None = None,
                               adjoint_params: Iterable[torch.Tensor] | None = None,
-                              store_stages: bool = False):
+                              memory_budget: int | float | str | None = None,
+                              adjoint: SymplecticAdjoint | None = None,
+                              store_stages: bool | None = None):
     """``torchdiffeq.odeint`` with gradients by the symplectic adjoint method.
 
     Same arguments and same returned values as ``torchdiffeq.odeint`` (the forward solve *is*
@@ -504,9 +512,21 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     ``∂L/∂t_0 = -λ_0ᵀ f(t_0, y_0)`` (``g_k`` the cotangent of output ``k``, ``λ_0`` that of ``y0`` from later
     outputs), the formula ``torchdiffeq.odeint_adjoint`` uses.
 
-    ``store_stages=True`` keeps the stage inputs of every accepted step from the forward pass (memory
-    ``N·s·|y|`` instead of ``N·|y|``) so that the backward pass need not recompute them: about one forward
-    pass faster. Still one graph of ``func`` at a time; the gradient is the same.
+    ``memory_budget`` (or ``adjoint=SymplecticAdjoint(memory_budget=...)``, or a ``symadj_plugins.options(...)``
+    block) trades memory for speed; the gradient is the same at every budget, to rounding. The default,
+    ``"stages"``, keeps the stage inputs of every accepted step (``s`` states per step) so that the backward pass
+    does not recompute them; ``"min"`` (or ``0``) keeps one state per step; a number of bytes (``"256MiB"``) also
+    keeps the graphs of the stage evaluations of as many steps as fit (those steps then cost what backprop costs);
+    ``"max"`` keeps everything. ``store_stages=True``/``False`` is the older spelling of ``"stages"``/``"min"``.
+    See :class:`symadj_plugins.SymplecticAdjoint`.
+
+    torchdiffeq's backward-pass hooks ``func.callback_step_adjoint``, ``callback_accept_step_adjoint`` and
+    ``callback_reject_step_adjoint`` are never called here: they belong to the continuous adjoint's backward ODE
+    solve, and the symplectic adjoint solves no backward ODE (it replays the forward pass's accepted steps). Nothing
+    raises; the forward hooks ``callback_step``, ``callback_accept_step`` and ``callback_reject_step`` are called
+    exactly as by ``torchdiffeq.odeint``. To observe the backward pass, use PyTorch hooks, e.g.
+    ``nn.Module.register_full_backward_hook`` on ``func``, which runs once per stage evaluation of each step in the
+    backward pass.
 
     Events: with ``event_fn``, the solve runs from ``t[0]`` (in the direction of ``t[1]``) until
     ``event_fn(t, y)`` changes sign and returns ``(event_t, solution)`` exactly as ``torchdiffeq.odeint`` does
@@ -540,12 +560,13 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     # A name torchdiffeq does not know (a typo, a method of a newer torchdiffeq) gets torchdiffeq's own
     # "Invalid method" from _check_inputs below.
     params = _adjoint_params(func, adjoint_params)
+    budget = _memory_budget(memory_budget, adjoint, store_stages)
     if event_fn is not None:
         _check_event_inputs(event_fn, t, method, options)
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, event_fn, t_is_reversed = _check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
-    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, store_stages=store_stages, user_func=func,
+    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, memory_budget=budget, params=params, user_func=func,
                             event_fn=event_fn)
     if event_fn is None:
         solution = odeint_symplectic(host, y0_flat, t_norm, params)
@@ -555,6 +576,8 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
             # ∂L/∂t_0 of the discrete solution (what backprop through the same steps gives, and what
             # odeint_event's rerouting of the event time needs): see _TorchdiffeqHost.time_shift.
             host.time_shift = t_norm[0] - t_norm[0].detach()
+            # The forward pass's graphs of f do not see the shift: those steps replay instead.
+            host.memory_budget = dataclasses.replace(host.memory_budget, graphs=False)
             params, t_core = (*params, host.time_shift), t_norm.detach()
         solution = odeint_symplectic(host, y0_flat, t_core, params)
         if host.event_rate is not None:
@@ -579,15 +602,18 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
 
     Any other ``adjoint_method`` keeps torchdiffeq's meaning (the solver of the continuous adjoint ODE) and
     the call goes to torchdiffeq unchanged. With ``"symplectic"`` the call goes to
-    :func:`odeint_symplectic_adjoint`; ``adjoint_rtol``, ``adjoint_atol`` and ``adjoint_options`` are then
-    accepted and ignored, because the symplectic adjoint solves no second ODE: it replays the forward
-    pass's own accepted steps exactly, so there is no backward tolerance to choose.
+    :func:`odeint_symplectic_adjoint`; ``adjoint_options`` then holds the symplectic adjoint's options
+    (``dict(memory_budget=...)``: the fields of :class:`symadj_plugins.SymplecticAdjoint`; any other key is a
+    ``ValueError`` naming the valid ones), and ``adjoint_rtol`` and ``adjoint_atol`` are accepted and ignored,
+    because the symplectic adjoint solves no second ODE: it replays the forward pass's own accepted steps
+    exactly, so there is no backward tolerance to choose.
     """
     if method == SYMPLECTIC:
         raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
     if adjoint_method == SYMPLECTIC:
+        adjoint = SymplecticAdjoint.from_options(adjoint_options)
         return odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                                         event_fn=event_fn, adjoint_params=adjoint_params)
+                                         event_fn=event_fn, adjoint_params=adjoint_params, adjoint=adjoint)
     return _original_odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                     event_fn=event_fn, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                                     adjoint_method=adjoint_method, adjoint_options=adjoint_options,
@@ -610,6 +636,23 @@ def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Ten
     ``solver`` (torchdiffeq's solver object that took the steps) are part of this contract.
     """
     return _TorchdiffeqHost(func, method, rtol, atol, options, store_stages=store_stages, rule=rule)
+
+
+def _memory_budget(memory_budget: Any, adjoint: SymplecticAdjoint | None, store_stages: bool | None) -> MemoryBudget:
+    """The budget from the arguments of :func:`odeint_symplectic_adjoint`, else the options in effect."""
+    given = [name for name, value in (("memory_budget", memory_budget), ("adjoint", adjoint),
+                                      ("store_stages", store_stages)) if value is not None]
+    if len(given) > 1:
+        raise TypeError(f"pass one of memory_budget, adjoint and store_stages, not {' and '.join(given)}")
+    if adjoint is not None:
+        if not isinstance(adjoint, SymplecticAdjoint):
+            raise TypeError(f"adjoint must be a symadj_plugins.SymplecticAdjoint, got {type(adjoint).__name__}")
+        return adjoint.budget
+    if store_stages is not None:
+        return MemoryBudget.parse("stages" if store_stages else "min")
+    if memory_budget is not None:
+        return MemoryBudget.parse(memory_budget)
+    return current_options().budget
 
 
 def _check_event_inputs(event_fn: Any, t: torch.Tensor, method: str, options: dict | None) -> None:

@@ -53,7 +53,7 @@ class SavedTensorBytes:
         return sum(nbytes for nbytes, _ in self._storages.values())
 
     def pack(self, tensor: torch.Tensor) -> _Box:
-        box = _Box(tensor)
+        box = _Box(tensor.detach())  # detached: a saved output keeping its own grad_fn would be a reference cycle
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
         if pointer not in self.exclude:

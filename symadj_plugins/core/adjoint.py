@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .budget import KeptGraph
 from .replay import AutocastState, BufferGuard, ReplayCheck, hooks_suspended
 from .tableau import ButcherTableau, StagePlan
 from .trajectory import StageCall, Trajectory
@@ -225,11 +226,11 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
                     extra_kappa[i] = g if extra_kappa[i] is None else extra_kappa[i] + g
 
         plan = tableau.backward_plan(tuple(e is not None for e in extra_kappa))
-        if trajectory.stage_inputs is not None:  # the forward pass kept them
-            inputs = trajectory.stage_inputs[n].reshape(s, numel)
-        else:
+        inputs = trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
+        if inputs is None:
             inputs = _recompute_stage_inputs(evaluate, n, calls, y0, ha, plan, trajectory.carried[n], stage_values,
                                              stage_inputs)
+        graphs = trajectory.graphs_of(n)
 
         # The reverse stage sweep.
         mu.zero_()
@@ -246,12 +247,20 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
                 carry_cotangent = kappa
                 stage_values[0].copy_(trajectory.carried[n].reshape(-1))
                 continue
-            mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, grad_params, stage_values[i])
+            graph = graphs[i] if graphs is not None else None
+            if graph is not None and graph.alive:  # the forward pass's own graph of this stage
+                mu[i] = _graph_vjp(graph, kappa, params, grad_params, stage_values[i])
+            else:
+                mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, grad_params, stage_values[i])
         check.add_step(n, y0[checked], trajectory.states[n + 1].reshape(-1)[checked], hb, stage_values[:, checked])
         lam = lam + mu.sum(0)
         if grad_y0_from_outputs is not None:
             lam = lam + grad_y0_from_outputs
 
+    for graphs in trajectory.stage_graphs or ():  # any left (a shared stage not differentiated twice): freed now
+        for graph in graphs or ():
+            if graph is not None:
+                graph.drop()
     check.raise_if_failed(replay.buffers.suspects if replay is not None else ())
     lam_without_output0 = lam.view(shape)
     grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
@@ -306,13 +315,28 @@ def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor,
     """``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat); adds ``κᵀ ∂f/∂θ`` into
     ``grad_params`` and writes ``f``'s value into ``value``. One graph of ``f``, freed on return."""
     with torch.enable_grad():
-        y = y.detach().view(evaluate.shape).requires_grad_(True)
+        y = y.detach().reshape(evaluate.shape).requires_grad_(True)
         out = evaluate(n, i, call, y)
         value.copy_(out.detach().reshape(-1))
         if not out.requires_grad:  # f ignores both y and θ
             return torch.zeros_like(value)
         with hooks_suspended(params):
             grads = torch.autograd.grad(out, (y, *params), cotangent.view(evaluate.shape), allow_unused=True)
+    _accumulate(grad_params, grads[1:])
+    return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
+
+
+def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
+               grad_params: list[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``μ = κᵀ ∂f/∂y`` on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
+    ``grad_params`` and writes ``f``'s value into ``value``. The graph is freed after its last use."""
+    value.copy_(graph.out.detach().reshape(-1))
+    graph.uses -= 1
+    with hooks_suspended(params):
+        grads = torch.autograd.grad(graph.out, (graph.leaf, *params), cotangent.view_as(graph.out), allow_unused=True,
+                                    retain_graph=graph.uses > 0)
+    if graph.uses <= 0:
+        graph.drop()
     _accumulate(grad_params, grads[1:])
     return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
 

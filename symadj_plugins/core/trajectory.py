@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .budget import KeptGraph
 from .replay import RngState
 
 
@@ -44,9 +45,12 @@ class Trajectory:
             that step (by dense output). Output 0 is ``y_0`` itself and belongs to no step.
         host_data: the adapter's own record of the solve (a dataclass the adapter defines, or ``None``);
             the tensors in it are packed with the rest, so they are freed with the graph.
-        stage_inputs: optionally, per step, the ``(s, *state_shape)`` stage inputs ``Y_i`` the host's forward
-            pass evaluated ``f`` at. Holding them costs ``N·s·|y|`` instead of ``N·|y|`` and spares the
-            backward pass the recomputation of every step (backprop + 1 forward instead of + 2).
+        stage_inputs: optionally, per step, the ``s`` stage inputs ``Y_i`` (each shaped like the state) the host's
+            forward pass evaluated ``f`` at, or ``None`` for a step whose inputs were not kept (see ``core.budget``).
+            A kept step is not recomputed in the backward pass.
+        stage_graphs: optionally, per step, per stage, the graph of the forward pass's evaluation of ``f`` there
+            (:class:`~symadj_plugins.core.budget.KeptGraph`), or ``None``. Not packed into ``save_for_backward``:
+            the graphs are consumed (freed) as the backward pass uses them.
         stage_rng: optionally, per step, per stage, the random-number state the forward evaluation of that
             stage started from, where it drew random numbers (``None`` where it drew none).
     """
@@ -58,12 +62,21 @@ class Trajectory:
     carried: list[torch.Tensor | None]
     outputs_in_step: dict[int, list[int]]
     host_data: Any = None
-    stage_inputs: list[torch.Tensor] | None = None
+    stage_inputs: list[list[torch.Tensor] | None] | None = None
     stage_rng: list[list[RngState | None]] | None = None
+    stage_graphs: list[list[KeptGraph | None] | None] | None = field(default=None, metadata={"packed": False})
 
     @property
     def num_steps(self) -> int:
         return len(self.states) - 1
+
+    def inputs_of(self, n: int) -> list[torch.Tensor] | None:
+        """The stage inputs step ``n`` kept, if it kept them."""
+        return self.stage_inputs[n] if self.stage_inputs is not None else None
+
+    def graphs_of(self, n: int) -> list[KeptGraph | None] | None:
+        """The graphs step ``n`` kept, if it kept any."""
+        return self.stage_graphs[n] if self.stage_graphs is not None else None
 
     def rng_state(self, n: int, i: int) -> RngState | None:
         """The random-number state stage ``i`` of step ``n`` started from, if it drew random numbers."""
@@ -96,7 +109,8 @@ def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
         tensors.append(value)
         return _Slot(len(tensors) - 1)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: _strip(getattr(value, f.name), tensors) for f in dataclasses.fields(value)}
+        fields = {f.name: _strip(getattr(value, f.name), tensors) if f.metadata.get("packed", True)
+                  else _Opaque(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return (type(value), fields)
     if isinstance(value, list):
         return [_strip(v, tensors) for v in value]
@@ -107,9 +121,16 @@ def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _Opaque:
+    value: Any
+
+
 def _fill(structure: Any, tensors: Sequence[torch.Tensor]) -> Any:
     if isinstance(structure, _Slot):
         return tensors[structure.index]
+    if isinstance(structure, _Opaque):
+        return structure.value
     if isinstance(structure, tuple) and len(structure) == 2 and isinstance(structure[0], type) \
             and dataclasses.is_dataclass(structure[0]):
         cls, fields = structure

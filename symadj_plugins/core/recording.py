@@ -1,0 +1,152 @@
+"""What the forward pass keeps of each accepted step for the backward pass, whichever host library runs the solve.
+
+An adapter listens to its host's solver and tells a :class:`StageKeeper` when a step is attempted, routes the
+attempt's stage evaluations of ``f`` through :meth:`StageKeeper.evaluate`, and says whether the attempt was accepted.
+The keeper notes, per accepted step, within the memory budget (``core.budget``):
+
+- the random-number state each stage evaluation started from, where it drew random numbers (``core.replay``);
+- the stage inputs ``Y_i`` (level 1 of the budget);
+- the graphs of the stage evaluations, built by evaluating ``f`` with grad on a detached copy of the stage input
+  (level 2). The solver gets the detached value: the same numbers as an evaluation without grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .budget import BudgetLedger, KeptGraph, MemoryBudget, measure_saved_bytes
+from .replay import RandomnessWatch, RngState
+
+__all__ = ["StageKeeper", "FirstStage"]
+
+
+@dataclass
+class FirstStage:
+    """How an attempt's first stage was obtained when the host carries it in (first same as last, or an evaluation
+    before the step): the stage input, its graph if the forward pass kept one, and the random state it drew from."""
+
+    value_input: torch.Tensor
+    graph: KeptGraph | None = None
+    rng: RngState | None = None
+
+
+class StageKeeper:
+    """Collects, for each accepted step, what the budget lets the backward pass reuse.
+
+    Args:
+        budget: the memory budget.
+        state: the initial state (its size, dtype and device).
+        num_stages: ``s``.
+        params: the parameters differentiated (excluded from graph byte counts: they are alive anyway).
+
+    After the solve, per accepted step ``n``: ``stage_rng[n]`` (``s`` entries), ``stage_inputs[n]`` (``s`` tensors or
+    ``None``), ``stage_graphs[n]`` (``s`` entries, each a :class:`KeptGraph` or ``None``, or ``None`` for the step).
+    """
+
+    def __init__(self, budget: MemoryBudget, state: torch.Tensor, num_stages: int, params: Sequence[torch.Tensor]):
+        self.num_stages = num_stages
+        self.params = tuple(params)
+        self.randomness = RandomnessWatch(state.device)
+        self.ledger = BudgetLedger(budget, num_stages * state.numel() * state.element_size())
+        self.keeps_inputs = not budget.is_minimal
+        self.stage_rng: list[list[RngState | None]] = []
+        self.stage_inputs: list[list[torch.Tensor] | None] = []
+        self.stage_graphs: list[list[KeptGraph | None] | None] = []
+        self.drew_random_numbers = False
+        self._in_attempt = False
+        self._first: FirstStage | None = None
+        self._calls_left = 0
+        self._inputs: list[torch.Tensor] = []
+        self._rng: list[RngState | None] = []
+        self._graphs: list[KeptGraph] = []
+        self._building = False
+
+    # -- an attempt -------------------------------------------------------------------------------------------
+    def begin_attempt(self, first: FirstStage | None) -> None:
+        """A step is attempted. ``first``: its first stage when carried in (then ``s - 1`` evaluations follow)."""
+        self._in_attempt = True
+        self._first = first
+        self._calls_left = self.num_stages - (first is not None)
+        self._inputs, self._rng, self._graphs = [], [], []
+        self._building = self.ledger.may_build_graphs()
+
+    @property
+    def expects_stage(self) -> bool:
+        """Whether the next evaluation of ``f`` is a stage of the attempt under way."""
+        return self._in_attempt and self._calls_left > 0
+
+    def evaluate(self, fn: Callable[..., torch.Tensor], t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Evaluates one stage, ``fn(t, y, **kwargs)``, as the forward pass: returns the value the solver uses."""
+        self._calls_left -= 1
+        self._inputs.append(y)
+        if not self._building:
+            value, rng = self.randomness.call(fn, t, y, **kwargs)
+        else:
+            leaf = y.detach().requires_grad_(True)
+            with torch.enable_grad(), measure_saved_bytes([*self.params, leaf]) as meter:
+                out, rng = self.randomness.call(fn, t, leaf, **kwargs)
+            meter.count(out)
+            value = out.detach()
+            self._graphs.append(KeptGraph(leaf, out, meter.bytes))
+            built = sum(g.nbytes for g in self._graphs)
+            if not (out.requires_grad and self.ledger.graphs_fit(built)):
+                # Does not fit (or f depends on neither y nor θ): estimate the step's graphs for the next attempts.
+                self.ledger.step_graph_bytes = built * self.num_stages // len(self._graphs)
+                self._stop_building()
+        self._rng.append(rng)
+        self.drew_random_numbers |= rng is not None
+        return value
+
+    def finish_attempt(self, accepted: bool) -> None:
+        """The attempt ended: an accepted step keeps what fits in the budget; a rejected one frees what it built."""
+        if not self._in_attempt:
+            return
+        self._in_attempt = False
+        if not accepted:
+            self._stop_building()
+            return
+        first = self._first
+        inputs = ([first.value_input] if first is not None else []) + self._inputs
+        rng = ([first.rng] if first is not None else []) + self._rng
+        self.stage_rng.append(rng)
+        kept_inputs = self.keeps_inputs and len(inputs) == self.num_stages and self.ledger.keep_stage_inputs()
+        self.stage_inputs.append(inputs if kept_inputs else None)
+        graphs = None
+        if kept_inputs and self._building and len(self._graphs) == len(self._inputs) \
+                and self.ledger.keep_graphs(self._graphs):
+            carried = first.graph if first is not None and first.graph is not None and first.graph.alive else None
+            if carried is not None:
+                carried.uses += 1
+            graphs = ([carried] if first is not None else []) + list(self._graphs)
+        else:
+            self._stop_building()
+        self.stage_graphs.append(graphs)
+        self._graphs = []
+
+    def last_stage(self) -> FirstStage | None:
+        """The last accepted step's last stage (input, graph, random state): the next step's first stage for a
+        first-same-as-last method."""
+        if not self.stage_rng:
+            return None
+        graphs = self.stage_graphs[-1]
+        inputs = self.stage_inputs[-1]
+        value_input = inputs[-1] if inputs is not None else None
+        return FirstStage(value_input, graphs[-1] if graphs is not None else None, self.stage_rng[-1][-1])
+
+    def _stop_building(self) -> None:
+        for g in self._graphs:
+            g.drop()
+        self._graphs = []
+        self._building = False
+
+    # -- after the solve --------------------------------------------------------------------------------------
+    def results(self) -> tuple[list | None, list | None, list | None]:
+        """``(stage_inputs, stage_graphs, stage_rng)`` for the :class:`~symadj_plugins.core.trajectory.Trajectory`,
+        each ``None`` where no step kept anything of that kind."""
+        inputs = self.stage_inputs if any(x is not None for x in self.stage_inputs) else None
+        graphs = self.stage_graphs if any(g is not None for g in self.stage_graphs) else None
+        rng = self.stage_rng if self.drew_random_numbers else None
+        return inputs, graphs, rng

@@ -1,0 +1,220 @@
+"""One memory budget for the exact gradient: every level gives the same gradient, the host's forward values, and holds
+no more than the trajectory plus the budget; bad budgets and unknown options are refused with a useful message."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchdiffeq
+from helpers import ADAPTIVE, FIXED, TimeDependentField, TupleField, detached_first_step
+from torch import nn
+
+import symadj_plugins
+from symadj_plugins import SymplecticAdjoint
+from symadj_plugins.bench.saved import SavedTensorBytes
+from symadj_plugins.core.budget import MemoryBudget
+from symadj_plugins.torchdiffeq import odeint_adjoint, odeint_symplectic_adjoint
+
+LEVELS = ["min", 0, "stages", 30_000, "200KiB", "max", math.inf]
+T = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=torch.float64)  # outputs between steps
+
+
+def _relative(a, b):
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-300)) for x, y in zip(a, b))
+
+
+def _solve_and_grad(solve, func, y0, **kwargs):
+    y = y0.clone().requires_grad_(True)
+    out = solve(func, y, T, **kwargs)
+    grads = torch.autograd.grad(out.pow(2).sum() + out[1].sum(), (y, *func.parameters()))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("method", ADAPTIVE + FIXED)
+def test_every_budget_gives_the_same_gradient_and_the_hosts_forward(method):
+    torch.manual_seed(0)
+    func = TimeDependentField(dim=3, width=16).double()
+    y0 = torch.randn(5, 3, dtype=torch.float64)
+    options = dict(step_size=0.05) if method in FIXED else dict(first_step=detached_first_step(func, y0, T,
+                                                                                                method=method))
+    kwargs = dict(method=method, rtol=1e-6, atol=1e-8, options=options)
+    ref_out, ref_grads = _solve_and_grad(torchdiffeq.odeint, func, y0, **kwargs)
+    minimal = None
+    for level in LEVELS:
+        out, grads = _solve_and_grad(odeint_symplectic_adjoint, func, y0, memory_budget=level, **kwargs)
+        assert torch.equal(out, ref_out), level
+        assert _relative(grads, ref_grads) <= 1e-10, level
+        minimal = minimal or grads
+        assert _relative(grads, minimal) <= 1e-12, level
+
+
+@pytest.mark.parametrize("case", ["tuple", "reversed", "perturb", "jump_t"])
+def test_every_budget_gives_the_same_gradient_with_options(case):
+    torch.manual_seed(1)
+    if case == "tuple":
+        func = TupleField().double()
+        y0 = (torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64))
+    else:
+        func = TimeDependentField(dim=3, width=16).double()
+        y0 = torch.randn(4, 3, dtype=torch.float64)
+    t = T.flip(0) if case == "reversed" else T
+    kwargs = dict(method="dopri5", rtol=1e-6, atol=1e-8, options=dict(first_step=0.05))
+    if case == "perturb":
+        kwargs = dict(method="rk4", options=dict(step_size=0.1, perturb=True))
+    if case == "jump_t":
+        kwargs["options"] = dict(first_step=0.05, jump_t=torch.tensor([0.37], dtype=torch.float64))
+    grads = []
+    for level in ["min", "stages", "max", "100KiB"]:
+        y = tuple(x.clone().requires_grad_(True) for x in y0) if case == "tuple" else y0.clone().requires_grad_(True)
+        out = odeint_symplectic_adjoint(func, y, t, memory_budget=level, **kwargs)
+        loss = sum(o.pow(2).sum() for o in out) if case == "tuple" else out.pow(2).sum()
+        inputs = (*y, *func.parameters()) if case == "tuple" else (y, *func.parameters())
+        grads.append(torch.autograd.grad(loss, inputs))
+    for g in grads[1:]:
+        assert _relative(g, grads[0]) <= 1e-12
+
+
+class WideField(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                                 nn.Linear(width, 8))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def _held(solve, func, y0, t, **kwargs):
+    meter = SavedTensorBytes(exclude=[*func.parameters(), y0, t])
+    with meter:
+        out = solve(func, y0, t, **kwargs)
+    held = meter.held
+    out.sum().backward()
+    return held
+
+
+@pytest.mark.parametrize("method,options", [("rk4", dict(step_size=0.05)), ("dopri5", dict(first_step=0.02))])
+def test_held_bytes_stay_within_the_trajectory_plus_the_budget(method, options):
+    torch.manual_seed(2)
+    func = WideField(128)
+    y0 = torch.randn(32, 8, requires_grad=True)
+    t = torch.linspace(0, 1, 2)
+    kwargs = dict(method=method, options=options, rtol=1e-7, atol=1e-9)  # dopri5: some rejected attempts too
+    trajectory = _held(odeint_symplectic_adjoint, func, y0, t, memory_budget="min", **kwargs)
+    backprop = _held(torchdiffeq.odeint, func, y0, t, **kwargs)
+    state = y0.numel() * y0.element_size()
+    assert trajectory < backprop / 20
+    for budget in [0, 20_000, 100_000, 400_000, 2_000_000]:
+        held = _held(odeint_symplectic_adjoint, func, y0, t, memory_budget=budget, **kwargs)
+        assert held <= trajectory + budget, (budget, held, trajectory)
+    # Budget 0 is today's minimal path; more than backprop's graph holds backprop's graph (plus the final state,
+    # which the trajectory keeps and backprop does not, and the step times: a few scalars per step).
+    assert _held(odeint_symplectic_adjoint, func, y0, t, memory_budget=0, **kwargs) == trajectory
+    steps = 20 if method == "rk4" else 60
+    most = _held(odeint_symplectic_adjoint, func, y0, t, memory_budget=10 * backprop, **kwargs)
+    assert most <= backprop + state + 64 * steps, (most, backprop)
+
+
+class CountingField(WideField):
+    def __init__(self, width):
+        super().__init__(width)
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return super().forward(t, y)
+
+
+@pytest.mark.parametrize("level,backward_calls", [("min", 70), ("stages", 40), ("max", 0)])
+def test_what_the_budget_buys_is_evaluations_of_f_in_the_backward_pass(level, backward_calls):
+    # rk4, 10 steps, 4 stages: the minimal path recomputes stages 1-3 without a graph (30) and evaluates all four with
+    # one (40); with the stage inputs kept only the 40; with every graph kept none.
+    torch.manual_seed(3)
+    func = CountingField(16).double()
+    y0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    out = odeint_symplectic_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), method="rk4",
+                                    options=dict(step_size=0.1), memory_budget=level)
+    func.calls = 0
+    out[-1].sum().backward()
+    assert func.calls == backward_calls
+
+
+def test_a_second_backward_through_kept_graphs_replays_instead():
+    torch.manual_seed(4)
+    func = WideField(16).double()
+    y0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    out = odeint_symplectic_adjoint(func, y0, torch.linspace(0, 1, 3, dtype=torch.float64), method="dopri5",
+                                    memory_budget="max")
+    first = torch.autograd.grad(out.sum(), y0, retain_graph=True)[0]
+    second = torch.autograd.grad(out.sum(), y0)[0]
+    assert _relative([second], [first]) <= 1e-12
+
+
+# --- how the budget is given ---------------------------------------------------------------------------
+
+def _budget_seen(**kwargs):
+    seen = []
+    original = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
+
+    def spy(self, y, t):
+        seen.append(self.memory_budget)
+        return original(self, y, t)
+
+    func = WideField(8).double()
+    y0 = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
+        solve = kwargs.pop("solve", odeint_symplectic_adjoint)
+        solve(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), method="rk4", options=dict(step_size=0.5),
+              **kwargs)
+    return seen[0]
+
+
+def test_the_budget_reaches_the_solver_from_every_entry_point():
+    assert _budget_seen() == MemoryBudget.parse("stages")  # the default
+    assert _budget_seen(memory_budget="1MiB") == MemoryBudget(2**20)
+    assert _budget_seen(adjoint=SymplecticAdjoint(memory_budget="2GB")) == MemoryBudget(2e9)
+    assert _budget_seen(store_stages=False) == MemoryBudget(0)
+    with symadj_plugins.options(memory_budget=1234):
+        assert _budget_seen() == MemoryBudget(1234)
+        assert _budget_seen(memory_budget="min") == MemoryBudget(0)  # an explicit argument wins
+        assert _budget_seen(solve=odeint_adjoint, adjoint_method="symplectic") == MemoryBudget(1234)
+    assert _budget_seen(solve=odeint_adjoint, adjoint_method="symplectic",
+                        adjoint_options=dict(memory_budget="max")) == MemoryBudget(math.inf)
+
+
+@pytest.mark.parametrize("text,expected", [("256MiB", 256 * 2**20), ("2GB", 2e9), ("512 kib", 512 * 1024),
+                                           ("1.5GiB", 1.5 * 2**30), ("1000", 1000), ("min", 0), ("MAX", math.inf)])
+def test_budget_strings(text, expected):
+    assert MemoryBudget.parse(text).bytes == expected
+
+
+@pytest.mark.parametrize("value,error", [(-1, ValueError), (float("nan"), ValueError), ("12 parsecs", ValueError),
+                                         ("lots", ValueError), ("-5MB", ValueError), (True, TypeError),
+                                         ([1024], TypeError), (None, TypeError)])
+def test_bad_budgets_name_the_accepted_forms(value, error):
+    with pytest.raises(error, match=r"memory_budget must be an int number of bytes.*'256MiB'.*'min'"):
+        SymplecticAdjoint(memory_budget=value)
+
+
+def test_unknown_adjoint_options_are_refused_with_the_valid_keys():
+    func = WideField(8).double()
+    y0 = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'norm'.*valid keys: 'memory_budget'"):
+        odeint_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), adjoint_method="symplectic",
+                       adjoint_options=dict(norm="seminorm"))
+    with pytest.raises(ValueError, match=r"'budget'.*valid keys: 'memory_budget'"):
+        with symadj_plugins.options(budget=5):
+            pass
+
+
+def test_conflicting_arguments_are_refused():
+    func = WideField(8).double()
+    y0 = torch.randn(2, 8, dtype=torch.float64)
+    t = torch.linspace(0, 1, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="one of memory_budget, adjoint and store_stages"):
+        odeint_symplectic_adjoint(func, y0, t, memory_budget=0, store_stages=True)
+    with pytest.raises(TypeError, match="SymplecticAdjoint"):
+        odeint_symplectic_adjoint(func, y0, t, adjoint=dict(memory_budget=0))
