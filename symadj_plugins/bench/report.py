@@ -165,11 +165,13 @@ def physics_table(records: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Targets (reported, not asserted)
+# Targets (reported, not asserted). Memory and growth per step are deterministic and get a verdict; timings
+# move by 10-20 % between runs on a shared machine, so a time target is reported as a ratio only (``met`` is
+# None): a verdict that flips with the machine's load would be noise.
 
-def _target(problem, name, measured, threshold, met, note=""):
-    return {"problem": problem, "target": name, "measured": measured, "threshold": threshold, "met": met,
-            "note": note}
+def _target(problem, name, measured, threshold, met, note="", timing=False):
+    return {"problem": problem, "target": name, "measured": measured, "threshold": threshold,
+            "met": None if timing else met, "timing": timing, "note": note}
 
 
 def targets(records: list[dict]) -> list[dict]:
@@ -182,7 +184,7 @@ def targets(records: list[dict]) -> list[dict]:
         ratio = ours["peak_bytes"] / bp["peak_bytes"]
         out.append(_target("cnf", "peak memory ≤ 0.1 × backprop", ratio, 0.1, ratio <= 0.1))
         ratio = ours["total_s"] / bp["total_s"]
-        out.append(_target("cnf", "fwd+bwd time ≤ 1.6 × backprop", ratio, 1.6, ratio <= 1.6))
+        out.append(_target("cnf", "fwd+bwd time ÷ backprop's (goal ≤ 1.6)", ratio, 1.6, None, timing=True))
     if ours and adj:
         ratio = ours["peak_bytes"] / adj["peak_bytes"]
         out.append(_target("cnf", "peak memory ≤ 1.3 × continuous adjoint", ratio, 1.3, ratio <= 1.3))
@@ -205,43 +207,47 @@ def targets(records: list[dict]) -> list[dict]:
 
 
 def _equal_error_target(ours: dict, curve: list[tuple[float, float]]) -> dict:
-    name = "faster than the continuous adjoint at equal gradient error"
+    """Our time over the continuous adjoint's at our gradient error (a timing: ratio only, no verdict).
+
+    ``curve``: ``(gradient error, time)`` of the continuous adjoint at several tolerances, sorted by error; its
+    time at our error is interpolated log-log between the two runs that bracket it.
+    """
+    name = "time ÷ continuous adjoint's at equal gradient error (< 1: faster)"
+
+    def timing(measured, note):
+        return _target("cnf", name, measured, 1.0, None, note, timing=True)
+
     err, time_ = ours["grad_err"], ours["total_s"]
     if not curve or err is None:
-        return _target("cnf", name, None, None, None, "no continuous adjoint points")
+        return timing(None, "no continuous adjoint points")
     errs = [e for e, _ in curve]
     if err < errs[0]:
         e0, t0 = curve[0]
-        if time_ < t0:
-            return _target("cnf", name, time_ / t0, 1.0, True,
-                           f"the adjoint's most accurate run (error {e0:.1e}) is less accurate and slower")
-        return _target("cnf", name, time_ / t0, 1.0, None,
-                       f"not comparable: the adjoint never reached error {err:.1e}; its most accurate run "
-                       f"(error {e0:.1e}) took {t0:.3g} s")
+        return timing(time_ / t0, f"the adjoint never reached error {err:.1e}; ratio to its most accurate run "
+                                  f"(error {e0:.1e}, {t0:.3g} s)")
     if err > errs[-1]:
         e1, t1 = curve[-1]
-        if time_ > t1:
-            return _target("cnf", name, time_ / t1, 1.0, False,
-                           f"the adjoint's least accurate run (error {e1:.1e}) is more accurate and faster")
-        return _target("cnf", name, time_ / t1, 1.0, None, f"not comparable: ours (error {err:.1e}) is less "
-                       f"accurate than every adjoint run; the least accurate took {t1:.3g} s")
+        return timing(time_ / t1, f"ours (error {err:.1e}) is less accurate than every adjoint run; ratio to its "
+                                  f"least accurate run (error {e1:.1e}, {t1:.3g} s)")
     for (e0, t0), (e1, t1) in zip(curve[:-1], curve[1:]):
         if e0 <= err <= e1:
             w = 0.0 if e1 == e0 else (math.log(err) - math.log(e0)) / (math.log(e1) - math.log(e0))
             t_adj = math.exp((1 - w) * math.log(t0) + w * math.log(t1))
-            return _target("cnf", name, time_ / t_adj, 1.0, time_ < t_adj,
-                           f"adjoint time at error {err:.1e}, interpolated between its tolerance runs: "
-                           f"{t_adj:.3g} s; ours {time_:.3g} s")
-    return _target("cnf", name, None, None, None, "interpolation failed")
+            return timing(time_ / t_adj, f"adjoint time at error {err:.1e}, interpolated between its tolerance "
+                                         f"runs: {t_adj:.3g} s; ours {time_:.3g} s")
+    return timing(None, "interpolation failed")
 
 
 def targets_table(items: list[dict]) -> str:
     rows = []
     for t in items:
-        status = {True: "**met**", False: "**missed**", None: "undetermined"}[t["met"]]
+        if t.get("timing"):
+            verdict = "ratio only (timing moves 10–20 % between runs)"
+        else:
+            verdict = {True: "**met**", False: "**missed**", None: "undetermined"}[t["met"]]
         measured = "–" if t["measured"] is None else f"{t['measured']:.3g}"
-        rows.append([t["problem"], t["target"], measured, status, t["note"]])
-    return _table(["problem", "target", "measured ratio", "", "note"], rows)
+        rows.append([t["problem"], t["target"], measured, verdict, t["note"]])
+    return _table(["problem", "target", "measured ratio", "verdict", "note"], rows)
 
 
 # ------------------------------------------------------------------------------------------------------------
