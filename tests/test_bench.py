@@ -169,3 +169,23 @@ def test_compare_measures_the_users_own_model():
     assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in records)
     assert records[1]["grad_err_vs_backprop"] < 1e-4
     assert "| `ours-torchdiffeq` |" in report.method_table(records)
+
+
+def test_plots_tell_every_method_apart_and_label_them(tmp_path, monkeypatch):
+    # One colour per method (two methods of a family share a plot), and a legend on the steps figure.
+    assert len({report.method_style(m)[0] for m in METHODS}) == len(METHODS)
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = [text.get_text() for legend in fig.legends + [a.get_legend() for a in fig.axes if
+                                                                          a.get_legend()] for text in legend.texts]
+        return path
+    monkeypatch.setattr(report, "_save", keep)
+    records = [{"problem": "steps", "case": {"n_steps": n}, "method": m, "family": METHODS[m].family, "status": "ok",
+                "peak_bytes": n * 4096.0 * (k + 1), "total_s": 0.01 * n, "state_bytes": 4096}
+               for n in (10, 100) for k, m in enumerate(("backprop", "torchdyn-autograd", "ours-torchdiffeq"))]
+    records += [_record(m, METHODS[m].family, 2 ** 20 * (k + 1), 0.1 * (k + 1), 1e-6 * (k + 1))
+                for k, m in enumerate(("backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"))]
+    report.plots(records, tmp_path)
+    assert {"backprop", "torchdyn-autograd", "ours-torchdiffeq"} <= set(figures["steps_memory_time.png"])
+    assert {"backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"} <= set(figures["cnf_time_error_memory.png"])

@@ -12,6 +12,20 @@ STEP_BOOKKEEPING_BYTES = 64  # per-step scalars the trajectory keeps besides the
 
 FAMILY_STYLE = {"backprop": ("tab:red", "o"), "checkpoint": ("tab:orange", "s"), "adjoint": ("tab:blue", "^"),
                 "ours": ("tab:green", "*")}
+# One colour per method (a shade of its family's hue where possible), so that two methods of one family
+# plotted on the same axes can be told apart; the marker stays the family's.
+METHOD_COLOR = {"backprop": "#d62728", "torchdyn-autograd": "#8c564b",
+                "adjoint": "#1f77b4", "adjoint-tight": "#17becf", "adjoint-seminorm": "#393b79",
+                "torchdyn-adjoint": "#9467bd", "torchdyn-interp-adjoint": "#e377c2",
+                "ckpt-step": "#ff7f0e", "ckpt-stage": "#bcbd22",
+                "ours-torchdiffeq": "#2ca02c", "ours-stored-stages": "#00441b", "ours-torchdyn": "#7f7f7f"}
+
+
+def method_style(method: str) -> tuple[str, str, str]:
+    """``(colour, marker, line style)`` of ``method`` in line and scatter plots."""
+    family = METHODS[method].family
+    color = METHOD_COLOR.get(method, FAMILY_STYLE[family][0])
+    return color, FAMILY_STYLE[family][1], "--" if "torchdyn" in method or method == "ckpt-stage" else "-"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -322,8 +336,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                     title="Peak memory, forward + backward")
         axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
                     title="Time, forward + backward (median)")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        _shared_legend(fig, axes[0])
         written.append(_save(fig, out / "steps_memory_time.png"))
 
     stages = _ok([r for r in records if r.get("problem") == "stages"])
@@ -341,33 +354,40 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                     title=f"Peak memory vs stages, N = {n} steps")
         axes[1].set(yscale="log", xlabel="solver (stages s)", ylabel="fwd+bwd time (s)",
                     title="Time vs stages (median)")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        _shared_legend(fig, axes[0])
         written.append(_save(fig, out / "stages_memory_time.png"))
 
     cnf = _ok([r for r in records if r.get("problem") == "cnf"])
     if cnf:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
         head = [r for r in cnf if r["case"].get("role") == "all"]
+        headline_rtol = head[0]["case"]["rtol"] if head else None
         ax = axes[0]
+        # Methods are told apart by colour and marker in the legend, not by text next to the points: many
+        # points lie within a label's width of each other.
         for r in head:
-            color, marker = FAMILY_STYLE[r["family"]]
-            ax.scatter(r["grad_err"], r["total_s"], color=color, marker=marker, s=60 if r["family"] == "ours" else 35)
-            ax.annotate(r["method"], (r["grad_err"], r["total_s"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")
+            color, marker, _ = method_style(r["method"])
+            ax.scatter(r["grad_err"], r["total_s"], color=color, marker=marker, s=70 if r["family"] == "ours" else 40,
+                       label=r["method"], zorder=3, edgecolors="white", linewidths=0.5)
         for m in ("adjoint", "ours-torchdiffeq"):
             pts = sorted((r["case"]["rtol"], r["grad_err"], r["total_s"]) for r in cnf if r["method"] == m)
             if len(pts) > 1:
-                color, marker = FAMILY_STYLE[METHODS[m].family]
-                ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color=color, alpha=0.5,
-                        label=f"{m}, rtol {pts[-1][0]:g} … {pts[0][0]:g}")
+                color, _, _ = method_style(m)
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], ":", color=color, alpha=0.7, zorder=2,
+                        label=f"{m} tolerance sweep")
+                errors = [p[1] for p in pts]
                 for rtol, e, t in pts:
-                    ax.annotate(f"{rtol:g}", (e, t), fontsize=6, color=color, xytext=(-4, -9),
-                                textcoords="offset points")
+                    if rtol == headline_rtol:  # the headline point is the scatter marker itself
+                        continue
+                    # Above the (slower) adjoint's points and below ours, clear of the scatter markers between
+                    # the two curves; aligned to stay inside the axes at each curve's two ends.
+                    ha = "left" if e == min(errors) else "right" if e == max(errors) else "center"
+                    ax.annotate(f"rtol {rtol:g}", (e, t), fontsize=6, color=color, ha=ha, textcoords="offset points",
+                                xytext=(0, 4) if m == "adjoint" else (0, -11))
         ax.set(xscale="log", yscale="log", xlabel="gradient relative error (vs float64 reference)",
                ylabel="fwd+bwd time (s, median)", title="CNF: time vs gradient error")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.margins(y=0.1)  # room for the rtol labels at the top and bottom
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
         ax = axes[1]
         names = [r["method"] for r in head]
         ax.barh(range(len(head)), [r["peak_bytes"] / 2 ** 20 for r in head],
@@ -419,10 +439,16 @@ def _memory_and_time_lines(axes, records: list[dict], x_of) -> None:
     """One line per method: peak memory (MiB) on ``axes[0]`` and fwd+bwd time (s) on ``axes[1]`` against ``x_of(r)``."""
     for m in dict.fromkeys(r["method"] for r in records):
         pts = sorted((x_of(r), r["peak_bytes"] / 2 ** 20, r["total_s"]) for r in records if r["method"] == m)
-        color, marker = FAMILY_STYLE[METHODS[m].family]
-        style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
+        color, marker, style = method_style(m)
         for ax, k in ((axes[0], 1), (axes[1], 2)):
             ax.plot([p[0] for p in pts], [p[k] for p in pts], style, marker=marker, color=color, label=m, alpha=0.9)
+
+
+def _shared_legend(fig, ax) -> None:
+    """One legend for both panels, below them (the lines are the same methods in both)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
 
 
 def _family_legend(ax) -> None:
