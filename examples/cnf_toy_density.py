@@ -3,8 +3,9 @@
 Written like torchdyn's CNF tutorial (``CNF`` + ``Augmenter`` + ``NeuralODE``); the only change is the
 ``sensitivity`` string, after ``symadj_plugins.register()``. The data (two moons) are generated here.
 
-    python examples/cnf_toy_density.py             # minutes on CPU; writes bench_out/examples/cnf_toy_density.png
-    python examples/cnf_toy_density.py --iters 50  # a quick look
+    python examples/cnf_toy_density.py              # minutes on CPU; writes bench_out/examples/cnf_toy_density.png
+    python examples/cnf_toy_density.py --niters 50  # a first look
+    python examples/cnf_toy_density.py --quick      # 3 iterations, batch 64: a smoke run
 """
 
 import argparse
@@ -27,15 +28,19 @@ from torchdyn.core import NeuralODE  # noqa: E402
 from torchdyn.models import CNF  # noqa: E402
 from torchdyn.nn import Augmenter, DepthCat  # noqa: E402
 
+QUICK = dict(niters=3, batch_size=64)  # --quick: a smoke run
+
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--iters", type=int, default=1000)
-parser.add_argument("--batch", type=int, default=512)
+parser.add_argument("--niters", type=int, default=1000, help="training iterations")
+parser.add_argument("--batch-size", type=int, default=512, help="samples per iteration")
 parser.add_argument("--hidden", type=int, default=64)
 parser.add_argument("--tol", type=float, default=1e-4, help="atol = rtol of dopri5")
 parser.add_argument("--sensitivity", default="symplectic_adjoint",
                     help="any torchdyn sensitivity (autograd, adjoint, interpolated_adjoint, symplectic_adjoint)")
-parser.add_argument("--out", default="bench_out/examples/cnf_toy_density.png")
+parser.add_argument("--out", metavar="PATH", default="bench_out/examples/cnf_toy_density.png",
+                    help="the plot (PNG; '.png' is appended to a name without an extension)")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--quick", action="store_true", help=f"a smoke run ({QUICK}); explicit flags win")
 
 
 def two_moons(n: int, noise: float = 0.08) -> torch.Tensor:
@@ -66,16 +71,21 @@ def log_prob(model: nn.Module, x: torch.Tensor, prior, t_span: torch.Tensor) -> 
     return prior.log_prob(z_end[:, 1:]) - z_end[:, 0]
 
 
-def main() -> None:
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    # matplotlib appends ".png" to a name without an extension: report the file actually written.
+    out = args.out if os.path.splitext(args.out)[1] else args.out + ".png"
     torch.manual_seed(args.seed)
     model = make_model(args.hidden, args.sensitivity, args.tol)
     prior = MultivariateNormal(torch.zeros(2), torch.eye(2))
     t_span = torch.linspace(0, 1, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-5)
     start = time.time()
-    for itr in range(1, args.iters + 1):
-        x = two_moons(args.batch)
+    for itr in range(1, args.niters + 1):
+        x = two_moons(args.batch_size)
         loss = -log_prob(model, x, prior, t_span).mean()
         opt.zero_grad()
         loss.backward()
@@ -98,9 +108,9 @@ def main() -> None:
     axes[1].imshow(density.reshape(n, n).numpy(), origin="lower", extent=(-2.6, 2.6, -2.6, 2.6), cmap="magma")
     axes[1].set(title=f"learned density (sensitivity='{args.sensitivity}')", aspect="equal")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=100)
-    print(f"final NLL {loss.item():.3f}; wrote {args.out}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=100)
+    print(f"final NLL {loss.item():.3f}; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 and the symplectic adjoint. Prints, for each: gradient error against backprop through the same accepted steps
 (the exact gradient of the discrete solution), forward+backward time, and peak memory.
 
-    python examples/demo.py [--steps-scale 1] [--repeats 3]
+    python examples/demo.py                           # about a minute on one CPU thread
+    python examples/demo.py [--repeats 3] [--width 256] [--threads 1] [--quick]
+
+Timings use one thread by default (``--threads 1``): on a shared or busy machine, idle-waiting intra-op
+threads make multi-threaded timings erratic. ``--quick`` (width 32, one repeat) is a smoke run in seconds.
 """
 
 from __future__ import annotations
@@ -45,11 +49,20 @@ def first_step(func, y0, t, **kwargs) -> float:
     return steps[0]
 
 
-def main() -> None:
+QUICK = dict(width=32, repeats=1)  # --quick: a smoke run in seconds
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median reported)")
     parser.add_argument("--width", type=int, default=256, help="hidden width of the vector field")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: stable timings)")
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK}); explicit flags win")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     dtype = torch.float64

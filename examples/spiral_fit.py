@@ -5,7 +5,8 @@ The only changes from a torchdiffeq ``odeint_adjoint`` script: ``symadj_plugins.
 through the same solver steps (``--check-grad`` prints the difference), with the memory of the adjoint method.
 
     python examples/spiral_fit.py                  # ~1-2 min on CPU; writes bench_out/examples/spiral_fit.png
-    python examples/spiral_fit.py --niters 100 --check-grad
+    python examples/spiral_fit.py --niters 100 --check-grad --out spiral.png
+    python examples/spiral_fit.py --quick          # 10 iterations: a smoke run
 """
 
 import argparse
@@ -24,16 +25,25 @@ import symadj_plugins  # noqa: E402
 symadj_plugins.register()  # before `from torchdiffeq import odeint_adjoint`, so the name is the registered one
 from torchdiffeq import odeint, odeint_adjoint  # noqa: E402
 
-parser = argparse.ArgumentParser("spiral fit (torchdiffeq ode_demo style) with the symplectic adjoint")
+QUICK = dict(niters=10, test_freq=5)  # --quick: a smoke run
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--method", type=str, choices=["dopri5", "dopri8", "bosh3", "rk4", "midpoint"], default="dopri5")
-parser.add_argument("--data_size", type=int, default=1000)
-parser.add_argument("--batch_time", type=int, default=10)
-parser.add_argument("--batch_size", type=int, default=20)
-parser.add_argument("--niters", type=int, default=1000)
-parser.add_argument("--test_freq", type=int, default=50)
+parser.add_argument("--data-size", type=int, default=1000, help="points on the true trajectory")
+parser.add_argument("--batch-time", type=int, default=10, help="time points per training sample")
+parser.add_argument("--batch-size", type=int, default=20)
+parser.add_argument("--niters", type=int, default=1000, help="training iterations")
+parser.add_argument("--test-freq", type=int, default=50, help="evaluate the test loss every this many iterations")
 parser.add_argument("--check-grad", action="store_true", help="compare the first batch's gradient with backprop")
-parser.add_argument("--out", type=str, default="bench_out/examples/spiral_fit.png")
+parser.add_argument("--out", metavar="PATH", default="bench_out/examples/spiral_fit.png",
+                    help="the plot (PNG; '.png' is appended to a name without an extension)")
+parser.add_argument("--quick", action="store_true", help=f"a smoke run ({QUICK}); explicit flags win")
 args = parser.parse_args()
+if args.quick:
+    parser.set_defaults(**QUICK)
+    args = parser.parse_args()
+# matplotlib appends ".png" to a name without an extension: report the file actually written.
+args.out = args.out if os.path.splitext(args.out)[1] else args.out + ".png"
 
 torch.manual_seed(0)
 true_y0 = torch.tensor([[2.0, 0.0]])

@@ -9,7 +9,9 @@ once) for two network widths (their last layer starting at zero, so that both ta
 Batch 16, state dimension 2, ``t_span = linspace(0, 1, 3)``, adaptive solvers and torchdyn's adjoints at
 ``atol = rtol = 1e-8`` (float64) / ``1e-5`` (float32).
 
-    python examples/torchdyn_exactness.py            # about a minute on 2 CPU cores
+    python examples/torchdyn_exactness.py                    # about a minute on 2 CPU cores
+    python examples/torchdyn_exactness.py --solvers dopri5   # one solver
+    python examples/torchdyn_exactness.py --quick            # euler and dopri5: a smoke run
 """
 
 from __future__ import annotations
@@ -78,10 +80,22 @@ def relative_error(got, want):
     return max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want))
 
 
-def main():
+QUICK = dict(solvers="euler,dopri5")  # --quick: a smoke run
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", type=int, nargs=2, default=[64, 256], help="two MLP widths for the memory columns")
-    args = parser.parse_args()
+    parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated torchdyn solvers")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run ({QUICK}); explicit flags win")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    solvers = [name.strip() for name in args.solvers.split(",") if name.strip()]
+    unknown = [name for name in solvers if name not in SOLVERS]
+    if unknown:
+        parser.error(f"unknown solver(s) {', '.join(unknown)}; choose from {', '.join(SOLVERS)}")
     warnings.filterwarnings("ignore", category=UserWarning)
     symadj_plugins.register()
     small, large = args.widths
@@ -92,7 +106,7 @@ def main():
     print("  adjoint / interp_adj: torchdyn's continuous adjoints (float64, adjoint tolerances = solver's)")
     header = ["same steps f64", "same steps f32", "autograd f64", "adjoint f64", "interp_adj f64"]
     print(f"{'solver':9} " + " ".join(f"{h:>15}" for h in header))
-    for solver in SOLVERS:
+    for solver in solvers:
         row = []
         for dtype in (torch.float64, torch.float32):
             reference, _ = run("autograd", solver, dtype, small, constant_steps=True)
@@ -108,7 +122,7 @@ def main():
     print(f"\nBytes held between forward and backward (float32, batch 16, 2-layer MLP of width {small} / {large}, "
           "last layer zero so that both widths take the same steps)")
     print(f"{'solver':9} " + " ".join(f"{m:>27}" for m in METHODS))
-    for solver in SOLVERS:
+    for solver in solvers:
         cells = []
         for method in METHODS:
             try:

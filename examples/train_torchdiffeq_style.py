@@ -11,6 +11,7 @@ error (about the backward tolerance); after, the symplectic adjoint's (rounding,
 ``tests/test_migrate_example.py`` migrates a copy of this file, runs it, and checks exactly that.
 
     python examples/train_torchdiffeq_style.py --niters 200 --viz-free   # a real (small) run
+    python examples/train_torchdiffeq_style.py --quick --check-grad      # 20 iterations: a smoke run
 """
 
 import argparse
@@ -31,6 +32,8 @@ parser.add_argument("--dtype", choices=["float32", "float64"], default="float32"
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--check-grad", action="store_true", help="compare one batch's gradient with backprop")
 parser.add_argument("--viz-free", action="store_true", help="accepted for compatibility; nothing is plotted")
+parser.add_argument("--quick", action="store_true", help="a smoke run (20 iterations); explicit flags win")
+QUICK = dict(niters=20)
 
 
 class ODEFunc(nn.Module):
@@ -83,6 +86,9 @@ def check_gradients(func, batch_y0, batch_t, batch_y, method):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)

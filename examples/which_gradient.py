@@ -6,7 +6,8 @@ method side by side (``symadj_plugins.bench.api.compare``), prints the table and
 a bar chart.
 
     python examples/which_gradient.py                 # ~1 min on CPU, writes bench_out/examples/which_gradient.png
-    python examples/which_gradient.py --methods backprop,adjoint,ours-torchdiffeq --repeats 1
+    python examples/which_gradient.py --methods backprop,adjoint,ours-torchdiffeq --repeats 1 --out which.png
+    python examples/which_gradient.py --quick         # three methods, one repeat: a smoke run
 """
 
 import argparse
@@ -25,11 +26,15 @@ import torch.nn as nn  # noqa: E402
 from symadj_plugins.bench import report  # noqa: E402
 from symadj_plugins.bench.api import DEFAULT_COMPARE, compare  # noqa: E402
 
+QUICK = dict(methods="backprop,adjoint,ours-torchdiffeq", repeats=1)  # --quick: a smoke run
+
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--methods", default=",".join(DEFAULT_COMPARE))
-parser.add_argument("--repeats", type=int, default=3)
-parser.add_argument("--threads", type=int, default=1)
-parser.add_argument("--out", default="bench_out/examples/which_gradient.png")
+parser.add_argument("--methods", default=",".join(DEFAULT_COMPARE), help="comma-separated benchmark method names")
+parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: stable timings)")
+parser.add_argument("--out", metavar="PATH", default="bench_out/examples/which_gradient.png",
+                    help="the bar chart (PNG; '.png' is appended to a name without an extension)")
+parser.add_argument("--quick", action="store_true", help=f"a smoke run ({QUICK}); explicit flags win")
 
 
 # ---- your model ---------------------------------------------------------------------------------------------
@@ -118,10 +123,15 @@ def plot(records, path):
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
+    # matplotlib appends ".png" to a name without an extension: report the file actually written.
+    out = args.out if os.path.splitext(args.out)[1] else args.out + ".png"
     torch.set_num_threads(args.threads)
     records = compare(func, y0, t, loss, **solver, methods=args.methods.split(","), repeats=args.repeats)
     print(report.method_table(records))
     print()
     print(recommend(records))
-    plot(records, args.out)
-    print(f"\nwrote {args.out}")
+    plot(records, out)
+    print(f"\nwrote {out}")

@@ -92,8 +92,41 @@ def test_equal_error_target_interpolates_the_adjoint_curve():
     ours = {"grad_err": 1e-4, "total_s": 1.0}
     curve = [(1e-5, 4.0), (1e-3, 1.0)]  # error, time of the continuous adjoint at two tolerances
     target = report._equal_error_target(ours, curve)
-    assert target["met"] is True and target["measured"] == pytest.approx(0.5)  # adjoint: 2 s at 1e-4
-    assert report._equal_error_target({"grad_err": 1e-2, "total_s": 5.0}, curve)["met"] is False
+    assert target["measured"] == pytest.approx(0.5)  # adjoint: 2 s at 1e-4 (log-log interpolation)
+    assert report._equal_error_target({"grad_err": 1e-2, "total_s": 5.0}, curve)["measured"] == pytest.approx(5.0)
+
+
+def _record(method, family, peak_bytes, total_s, grad_err, rtol=1e-6):
+    return {"problem": "cnf", "case": {"role": "all", "rtol": rtol}, "method": method, "family": family,
+            "status": "ok", "peak_bytes": peak_bytes, "total_s": total_s, "grad_err": grad_err}
+
+
+def test_timing_targets_report_ratios_without_a_verdict_memory_targets_keep_theirs():
+    # Timings move by 10-20 % between runs: a met/missed verdict on them would flip with the machine's load.
+    records = [_record("backprop", "backprop", 100, 1.0, 1e-6), _record("adjoint", "adjoint", 10, 3.0, 1e-5),
+               _record("ours-torchdiffeq", "ours", 5, 1.59, 1e-6)]
+    items = {t["target"]: t for t in report.targets(records)}
+    timing = [t for t in items.values() if t["timing"]]
+    assert len(timing) == 2 and all(t["met"] is None for t in timing)
+    assert {round(t["measured"], 2) for t in timing} == {1.59, 0.53}  # vs backprop; vs adjoint at equal error
+    assert items["peak memory ≤ 0.1 × backprop"]["met"] is True
+    assert items["peak memory ≤ 1.3 × continuous adjoint"]["met"] is True
+    table = report.targets_table(list(items.values()))
+    assert table.count("**met**") == 2 and "missed" not in table and table.count("ratio only") == 2
+
+
+@pytest.mark.parametrize("missing", [["matplotlib", "tqdm"], ["tqdm"]])
+def test_bench_cli_names_the_extra_when_its_dependencies_are_missing(tmp_path, missing):
+    # A clean install without the bench extra: the CLI stops before measuring anything and says what to install.
+    hide = "".join(f"sys.modules[{name!r}] = None; " for name in missing)
+    code = (f"import runpy, sys; {hide}sys.argv = ['bench', '--quick', '--out', {str(tmp_path / 'out')!r}]; "
+            "runpy.run_module('symadj_plugins.bench', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the benchmark needs matplotlib and tqdm" in proc.stderr
+    assert "pip install -e '.[bench]'" in proc.stderr
+    assert f"not importable here: {', '.join(missing)}" in proc.stderr
+    assert not (tmp_path / "out").exists(), "nothing may run before the dependency check"
 
 
 def test_quick_benchmark_runs_every_method(tmp_path):
@@ -102,6 +135,8 @@ def test_quick_benchmark_runs_every_method(tmp_path):
                           capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| method | peak memory |" in proc.stdout
+    assert "\r" not in proc.stderr, "no progress bar when stderr is not a terminal"
+    assert "ratio only" in proc.stdout and "fwd+bwd time ÷ backprop" in proc.stdout  # timings: no verdict
 
     result = json.loads((tmp_path / "results.json").read_text())
     records = {r["method"]: r for r in result["records"]}
@@ -134,3 +169,23 @@ def test_compare_measures_the_users_own_model():
     assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in records)
     assert records[1]["grad_err_vs_backprop"] < 1e-4
     assert "| `ours-torchdiffeq` |" in report.method_table(records)
+
+
+def test_plots_tell_every_method_apart_and_label_them(tmp_path, monkeypatch):
+    # One colour per method (two methods of a family share a plot), and a legend on the steps figure.
+    assert len({report.method_style(m)[0] for m in METHODS}) == len(METHODS)
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = [text.get_text() for legend in fig.legends + [a.get_legend() for a in fig.axes if
+                                                                          a.get_legend()] for text in legend.texts]
+        return path
+    monkeypatch.setattr(report, "_save", keep)
+    records = [{"problem": "steps", "case": {"n_steps": n}, "method": m, "family": METHODS[m].family, "status": "ok",
+                "peak_bytes": n * 4096.0 * (k + 1), "total_s": 0.01 * n, "state_bytes": 4096}
+               for n in (10, 100) for k, m in enumerate(("backprop", "torchdyn-autograd", "ours-torchdiffeq"))]
+    records += [_record(m, METHODS[m].family, 2 ** 20 * (k + 1), 0.1 * (k + 1), 1e-6 * (k + 1))
+                for k, m in enumerate(("backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"))]
+    report.plots(records, tmp_path)
+    assert {"backprop", "torchdyn-autograd", "ours-torchdiffeq"} <= set(figures["steps_memory_time.png"])
+    assert {"backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"} <= set(figures["cnf_time_error_memory.png"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +28,7 @@ def compare(func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, loss: Call
         methods: names from :data:`symadj_plugins.bench.METHODS` (default: the torchdiffeq-based ones).
         reference: compute the gradient error against a float64 copy of the model solved at
             ``rtol = atol = 1e-10`` (dopri8, exact per-step checkpointed backprop).
+        progress: a tqdm progress bar on stderr, shown only when stderr is a terminal.
     Records hold ``peak_bytes`` (CPU: profiler; CUDA: allocator), ``fwd_s``/``bwd_s``/``total_s`` (medians),
     ``nfe_fwd``/``nfe_bwd``, ``steps_fwd``/``steps_bwd``, ``grad_err`` and ``grad_err_vs_backprop``; format them
     with :func:`symadj_plugins.bench.report.method_table`.
@@ -45,7 +47,7 @@ def compare(func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, loss: Call
         ref, _, _ = gradient(ref_setup, "ckpt-step")
     records, backprop = [], {}
     iterator = methods
-    if progress:
+    if progress and sys.stderr.isatty():  # a progress bar only on a terminal
         from tqdm.auto import tqdm
         iterator = tqdm(methods, desc="gradient methods", unit="method")
     for name in iterator:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import importlib.metadata
 import json
 import os
@@ -78,6 +79,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not torch.cuda.is_available():
             p.error("--device cuda: CUDA is not available")
     return args
+
+
+BENCH_EXTRA = "pip install -e '.[bench]'"
+
+
+def missing_dependencies(args: argparse.Namespace) -> list[str]:
+    """The optional packages (the ``bench`` extra) this run needs but cannot import, checked before any work."""
+    needed = [name for name, used in (("matplotlib", not args.no_plots), ("tqdm", not args.report_only)) if used]
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def plan(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
@@ -160,6 +176,11 @@ def run_job(case: dict, methods: list[str], args, cache: Path, logs: Path) -> li
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = missing_dependencies(args)
+    if missing:
+        print(f"error: the benchmark needs matplotlib and tqdm (not importable here: {', '.join(missing)}): "
+              f"{BENCH_EXTRA} in a clone of symadj-plugins, or pip install matplotlib tqdm", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m symadj_plugins.bench " + " ".join(
@@ -193,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args)
     records: list[dict] = []
     start = time.time()
-    with tqdm(total=len(jobs), unit="job", file=sys.stderr, dynamic_ncols=True) as bar:
+    # A progress bar only on a terminal: in CI logs and pipes it is noise.
+    with tqdm(total=len(jobs), unit="job", file=sys.stderr, dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
         for case, methods in jobs:
             bar.set_description(f"{case['problem']} {case.get('label', '')}: {', '.join(methods) or 'reference'}")
             got = run_job(case, methods, args, cache, logs)

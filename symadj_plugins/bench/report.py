@@ -12,6 +12,20 @@ STEP_BOOKKEEPING_BYTES = 64  # per-step scalars the trajectory keeps besides the
 
 FAMILY_STYLE = {"backprop": ("tab:red", "o"), "checkpoint": ("tab:orange", "s"), "adjoint": ("tab:blue", "^"),
                 "ours": ("tab:green", "*")}
+# One colour per method (a shade of its family's hue where possible), so that two methods of one family
+# plotted on the same axes can be told apart; the marker stays the family's.
+METHOD_COLOR = {"backprop": "#d62728", "torchdyn-autograd": "#8c564b",
+                "adjoint": "#1f77b4", "adjoint-tight": "#17becf", "adjoint-seminorm": "#393b79",
+                "torchdyn-adjoint": "#9467bd", "torchdyn-interp-adjoint": "#e377c2",
+                "ckpt-step": "#ff7f0e", "ckpt-stage": "#bcbd22",
+                "ours-torchdiffeq": "#2ca02c", "ours-stored-stages": "#00441b", "ours-torchdyn": "#7f7f7f"}
+
+
+def method_style(method: str) -> tuple[str, str, str]:
+    """``(colour, marker, line style)`` of ``method`` in line and scatter plots."""
+    family = METHODS[method].family
+    color = METHOD_COLOR.get(method, FAMILY_STYLE[family][0])
+    return color, FAMILY_STYLE[family][1], "--" if "torchdyn" in method or method == "ckpt-stage" else "-"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -165,11 +179,13 @@ def physics_table(records: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Targets (reported, not asserted)
+# Targets (reported, not asserted). Memory and growth per step are deterministic and get a verdict; timings
+# move by 10-20 % between runs on a shared machine, so a time target is reported as a ratio only (``met`` is
+# None): a verdict that flips with the machine's load would be noise.
 
-def _target(problem, name, measured, threshold, met, note=""):
-    return {"problem": problem, "target": name, "measured": measured, "threshold": threshold, "met": met,
-            "note": note}
+def _target(problem, name, measured, threshold, met, note="", timing=False):
+    return {"problem": problem, "target": name, "measured": measured, "threshold": threshold,
+            "met": None if timing else met, "timing": timing, "note": note}
 
 
 def targets(records: list[dict]) -> list[dict]:
@@ -182,7 +198,7 @@ def targets(records: list[dict]) -> list[dict]:
         ratio = ours["peak_bytes"] / bp["peak_bytes"]
         out.append(_target("cnf", "peak memory ≤ 0.1 × backprop", ratio, 0.1, ratio <= 0.1))
         ratio = ours["total_s"] / bp["total_s"]
-        out.append(_target("cnf", "fwd+bwd time ≤ 1.6 × backprop", ratio, 1.6, ratio <= 1.6))
+        out.append(_target("cnf", "fwd+bwd time ÷ backprop's (goal ≤ 1.6)", ratio, 1.6, None, timing=True))
     if ours and adj:
         ratio = ours["peak_bytes"] / adj["peak_bytes"]
         out.append(_target("cnf", "peak memory ≤ 1.3 × continuous adjoint", ratio, 1.3, ratio <= 1.3))
@@ -205,43 +221,47 @@ def targets(records: list[dict]) -> list[dict]:
 
 
 def _equal_error_target(ours: dict, curve: list[tuple[float, float]]) -> dict:
-    name = "faster than the continuous adjoint at equal gradient error"
+    """Our time over the continuous adjoint's at our gradient error (a timing: ratio only, no verdict).
+
+    ``curve``: ``(gradient error, time)`` of the continuous adjoint at several tolerances, sorted by error; its
+    time at our error is interpolated log-log between the two runs that bracket it.
+    """
+    name = "time ÷ continuous adjoint's at equal gradient error (< 1: faster)"
+
+    def timing(measured, note):
+        return _target("cnf", name, measured, 1.0, None, note, timing=True)
+
     err, time_ = ours["grad_err"], ours["total_s"]
     if not curve or err is None:
-        return _target("cnf", name, None, None, None, "no continuous adjoint points")
+        return timing(None, "no continuous adjoint points")
     errs = [e for e, _ in curve]
     if err < errs[0]:
         e0, t0 = curve[0]
-        if time_ < t0:
-            return _target("cnf", name, time_ / t0, 1.0, True,
-                           f"the adjoint's most accurate run (error {e0:.1e}) is less accurate and slower")
-        return _target("cnf", name, time_ / t0, 1.0, None,
-                       f"not comparable: the adjoint never reached error {err:.1e}; its most accurate run "
-                       f"(error {e0:.1e}) took {t0:.3g} s")
+        return timing(time_ / t0, f"the adjoint never reached error {err:.1e}; ratio to its most accurate run "
+                                  f"(error {e0:.1e}, {t0:.3g} s)")
     if err > errs[-1]:
         e1, t1 = curve[-1]
-        if time_ > t1:
-            return _target("cnf", name, time_ / t1, 1.0, False,
-                           f"the adjoint's least accurate run (error {e1:.1e}) is more accurate and faster")
-        return _target("cnf", name, time_ / t1, 1.0, None, f"not comparable: ours (error {err:.1e}) is less "
-                       f"accurate than every adjoint run; the least accurate took {t1:.3g} s")
+        return timing(time_ / t1, f"ours (error {err:.1e}) is less accurate than every adjoint run; ratio to its "
+                                  f"least accurate run (error {e1:.1e}, {t1:.3g} s)")
     for (e0, t0), (e1, t1) in zip(curve[:-1], curve[1:]):
         if e0 <= err <= e1:
             w = 0.0 if e1 == e0 else (math.log(err) - math.log(e0)) / (math.log(e1) - math.log(e0))
             t_adj = math.exp((1 - w) * math.log(t0) + w * math.log(t1))
-            return _target("cnf", name, time_ / t_adj, 1.0, time_ < t_adj,
-                           f"adjoint time at error {err:.1e}, interpolated between its tolerance runs: "
-                           f"{t_adj:.3g} s; ours {time_:.3g} s")
-    return _target("cnf", name, None, None, None, "interpolation failed")
+            return timing(time_ / t_adj, f"adjoint time at error {err:.1e}, interpolated between its tolerance "
+                                         f"runs: {t_adj:.3g} s; ours {time_:.3g} s")
+    return timing(None, "interpolation failed")
 
 
 def targets_table(items: list[dict]) -> str:
     rows = []
     for t in items:
-        status = {True: "**met**", False: "**missed**", None: "undetermined"}[t["met"]]
+        if t.get("timing"):
+            verdict = "ratio only (timing moves 10–20 % between runs)"
+        else:
+            verdict = {True: "**met**", False: "**missed**", None: "undetermined"}[t["met"]]
         measured = "–" if t["measured"] is None else f"{t['measured']:.3g}"
-        rows.append([t["problem"], t["target"], measured, status, t["note"]])
-    return _table(["problem", "target", "measured ratio", "", "note"], rows)
+        rows.append([t["problem"], t["target"], measured, verdict, t["note"]])
+    return _table(["problem", "target", "measured ratio", "verdict", "note"], rows)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -316,8 +336,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                     title="Peak memory, forward + backward")
         axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
                     title="Time, forward + backward (median)")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        _shared_legend(fig, axes[0])
         written.append(_save(fig, out / "steps_memory_time.png"))
 
     stages = _ok([r for r in records if r.get("problem") == "stages"])
@@ -335,33 +354,40 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                     title=f"Peak memory vs stages, N = {n} steps")
         axes[1].set(yscale="log", xlabel="solver (stages s)", ylabel="fwd+bwd time (s)",
                     title="Time vs stages (median)")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        _shared_legend(fig, axes[0])
         written.append(_save(fig, out / "stages_memory_time.png"))
 
     cnf = _ok([r for r in records if r.get("problem") == "cnf"])
     if cnf:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
         head = [r for r in cnf if r["case"].get("role") == "all"]
+        headline_rtol = head[0]["case"]["rtol"] if head else None
         ax = axes[0]
+        # Methods are told apart by colour and marker in the legend, not by text next to the points: many
+        # points lie within a label's width of each other.
         for r in head:
-            color, marker = FAMILY_STYLE[r["family"]]
-            ax.scatter(r["grad_err"], r["total_s"], color=color, marker=marker, s=60 if r["family"] == "ours" else 35)
-            ax.annotate(r["method"], (r["grad_err"], r["total_s"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")
+            color, marker, _ = method_style(r["method"])
+            ax.scatter(r["grad_err"], r["total_s"], color=color, marker=marker, s=70 if r["family"] == "ours" else 40,
+                       label=r["method"], zorder=3, edgecolors="white", linewidths=0.5)
         for m in ("adjoint", "ours-torchdiffeq"):
             pts = sorted((r["case"]["rtol"], r["grad_err"], r["total_s"]) for r in cnf if r["method"] == m)
             if len(pts) > 1:
-                color, marker = FAMILY_STYLE[METHODS[m].family]
-                ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color=color, alpha=0.5,
-                        label=f"{m}, rtol {pts[-1][0]:g} … {pts[0][0]:g}")
+                color, _, _ = method_style(m)
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], ":", color=color, alpha=0.7, zorder=2,
+                        label=f"{m} tolerance sweep")
+                errors = [p[1] for p in pts]
                 for rtol, e, t in pts:
-                    ax.annotate(f"{rtol:g}", (e, t), fontsize=6, color=color, xytext=(-4, -9),
-                                textcoords="offset points")
+                    if rtol == headline_rtol:  # the headline point is the scatter marker itself
+                        continue
+                    # Above the (slower) adjoint's points and below ours, clear of the scatter markers between
+                    # the two curves; aligned to stay inside the axes at each curve's two ends.
+                    ha = "left" if e == min(errors) else "right" if e == max(errors) else "center"
+                    ax.annotate(f"rtol {rtol:g}", (e, t), fontsize=6, color=color, ha=ha, textcoords="offset points",
+                                xytext=(0, 4) if m == "adjoint" else (0, -11))
         ax.set(xscale="log", yscale="log", xlabel="gradient relative error (vs float64 reference)",
                ylabel="fwd+bwd time (s, median)", title="CNF: time vs gradient error")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.margins(y=0.1)  # room for the rtol labels at the top and bottom
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
         ax = axes[1]
         names = [r["method"] for r in head]
         ax.barh(range(len(head)), [r["peak_bytes"] / 2 ** 20 for r in head],
@@ -413,10 +439,16 @@ def _memory_and_time_lines(axes, records: list[dict], x_of) -> None:
     """One line per method: peak memory (MiB) on ``axes[0]`` and fwd+bwd time (s) on ``axes[1]`` against ``x_of(r)``."""
     for m in dict.fromkeys(r["method"] for r in records):
         pts = sorted((x_of(r), r["peak_bytes"] / 2 ** 20, r["total_s"]) for r in records if r["method"] == m)
-        color, marker = FAMILY_STYLE[METHODS[m].family]
-        style = "--" if "torchdyn" in m or m == "ckpt-stage" else "-"
+        color, marker, style = method_style(m)
         for ax, k in ((axes[0], 1), (axes[1], 2)):
             ax.plot([p[0] for p in pts], [p[k] for p in pts], style, marker=marker, color=color, label=m, alpha=0.9)
+
+
+def _shared_legend(fig, ax) -> None:
+    """One legend for both panels, below them (the lines are the same methods in both)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
 
 
 def _family_legend(ax) -> None:
