@@ -221,14 +221,7 @@ def run_workers(out_dir: Path) -> list[dict]:
 # The single-process references
 
 @pytest.fixture(scope="module")
-def registered():
-    symadj_plugins.register()
-    yield
-    symadj_plugins.unregister()
-
-
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory, registered) -> list[dict]:
+def ddp_results(tmp_path_factory, registered_for_module) -> list[dict]:
     return run_workers(tmp_path_factory.mktemp("ddp"))
 
 
@@ -268,7 +261,7 @@ def test_ddp_no_sync_accumulation_equals_one_process_on_the_whole_batches(name, 
         assert error <= TOLERANCE, f"rank {rank}: relative error {error:.2e}"
 
 
-def test_adaptive_halves_take_other_steps_than_the_whole_batch(registered):
+def test_adaptive_halves_take_other_steps_than_the_whole_batch(registered_for_module):
     """Why the adaptive scenarios are compared with per-half solves: on the whole batch the error norm, hence
     the steps, differ, and so does the gradient (by about the solver tolerance, far above rounding)."""
     name = "torchdiffeq-odeint_adjoint-registered-ODEBlock-dopri5"
@@ -336,7 +329,7 @@ def _lightning_main(out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_lightning_ddp_strategy_gradient_equals_one_process_on_the_whole_batch(tmp_path, registered):
+def test_lightning_ddp_strategy_gradient_equals_one_process_on_the_whole_batch(tmp_path, registered_for_module):
     pytest.importorskip("pytorch_lightning")
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--lightning", str(tmp_path)],

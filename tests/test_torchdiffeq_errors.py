@@ -8,21 +8,10 @@ import weakref
 import pytest
 import torch
 import torchdiffeq
-from helpers import TimeDependentField
 from torchdiffeq._impl.odeint import SOLVERS
 
 from symadj_plugins import torchdiffeq as adapter
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
-
-
-@pytest.fixture
-def problem():
-    torch.manual_seed(0)
-    func = TimeDependentField().double()
-    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-    return func, y0, t
-
 
 # Methods of torchdiffeq that are not explicit Runge-Kutta methods (backward_euler: torchdiffeq after 0.2.5).
 NOT_RK = [m for m in ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "backward_euler")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import pytest
 import torch
@@ -35,14 +34,7 @@ SOLVER_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # atol = rtol of 
 
 
 
-@pytest.fixture(autouse=True)
-def registered():
-    symadj_plugins.register()
-    with warnings.catch_warnings():
-        # torchdyn's own: "Setting tolerances has no effect on fixed-step methods" and the like.
-        warnings.filterwarnings("ignore", message="Setting (tolerances|save_at) has no effect", category=UserWarning)
-        yield
-    symadj_plugins.unregister()
+pytestmark = pytest.mark.usefixtures("registered", "torchdyn_warnings_ignored")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -15,19 +15,12 @@ from torchdyn.core import NeuralODE
 from torchdyn.models import CNF, hutch_trace
 from torchdyn.nn import Augmenter, DataControl, DepthCat
 
-import symadj_plugins
 from symadj_plugins.bench.saved import SavedTensorBytes
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def registered():
-    symadj_plugins.register()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Setting (tolerances|save_at) has no effect", category=UserWarning)
-        yield
-    symadj_plugins.unregister()
+pytestmark = pytest.mark.usefixtures("registered", "torchdyn_warnings_ignored")
 
 
 # --------------------------------------------------------------------------------------------------------
