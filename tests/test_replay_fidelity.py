@@ -26,11 +26,7 @@ FIXED_GRID = dict(method="rk4", options=dict(step_size=0.125))
 ADAPTIVE = dict(method="dopri5", rtol=1e-6, atol=1e-8, options=dict(first_step=0.05))
 
 
-@pytest.fixture(autouse=True)
-def registered():
-    symadj_plugins.register()
-    yield
-    symadj_plugins.unregister()
+pytestmark = pytest.mark.usefixtures("registered")
 
 
 def _relative_error(a, b):
