@@ -22,7 +22,7 @@ from torchdyn.numerics.interpolators import FourthOrder
 from torchdyn.numerics.solvers.ode import RungeKutta4
 
 import symadj_plugins
-from symadj_plugins import torchdyn as adapter
+from symadj_plugins.torchdyn import _internals, recording
 
 torchdyn_odeint = importlib.import_module("torchdyn.numerics.odeint")
 
@@ -189,7 +189,7 @@ def test_rk4_stages_are_replayed_where_torchdyns_step_evaluates_them():
     solver.step(f, torch.ones(2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
                 torch.tensor(0.5, dtype=torch.float64))
     assert seen == [1.0, 1.0, 1.25, 1.25]
-    assert adapter._tableau_of(solver).c == (0.0, 0.0, 0.5, 0.5)
+    assert _internals._tableau_of(solver).c == (0.0, 0.0, 0.5, 0.5)
 
 
 def test_torchdyns_interpolant_is_linear_in_the_stages():
@@ -300,7 +300,7 @@ def test_integral_loss_with_an_adaptive_solver():
     _, sol = model(x, t_span)
     ours = grads(sol[-1].pow(2).sum(), wrt)
 
-    with torch.no_grad(), adapter._TorchdynStepRecorder(model.solver) as recorder:
+    with torch.no_grad(), recording._TorchdynStepRecorder(model.solver) as recorder:
         torchdyn_problems.odeint(model.vf, x, t_span, recorder.solver, model.atol, model.rtol)
     recorder.finish()
 
@@ -431,7 +431,7 @@ def test_torchdyns_own_sensitivities_are_untouched():
 
 
 def test_the_installed_torchdyn_is_what_the_adapter_expects():
-    assert adapter._check_torchdyn() == []
+    assert _internals._check_torchdyn() == []
 
 
 def test_registration_fails_loudly_when_torchdyn_changes(monkeypatch):
