@@ -22,6 +22,8 @@ from torchdyn.numerics.interpolators import FourthOrder
 from torchdyn.numerics.solvers.ode import RungeKutta4
 
 import symadj_plugins
+from symadj_plugins.core.budget import MemoryBudget
+from symadj_plugins.core.recording import StageKeeper
 from symadj_plugins.torchdyn import _internals, recording
 
 torchdyn_odeint = importlib.import_module("torchdyn.numerics.odeint")
@@ -300,7 +302,8 @@ def test_integral_loss_with_an_adaptive_solver():
     _, sol = model(x, t_span)
     ours = grads(sol[-1].pow(2).sum(), wrt)
 
-    with torch.no_grad(), recording._TorchdynStepRecorder(model.solver) as recorder:
+    keeper = StageKeeper(MemoryBudget(0), x, 7, ())
+    with torch.no_grad(), recording._TorchdynStepRecorder(model.solver, keeper) as recorder:
         torchdyn_problems.odeint(model.vf, x, t_span, recorder.solver, model.atol, model.rtol)
     recorder.finish()
 

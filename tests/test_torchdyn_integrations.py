@@ -4,6 +4,7 @@ in memory between forward and backward (measured with saved-tensor hooks)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -15,6 +16,7 @@ from torchdyn.core import NeuralODE
 from torchdyn.models import CNF, hutch_trace
 from torchdyn.nn import Augmenter, DataControl, DepthCat
 
+import symadj_plugins
 from symadj_plugins.bench.saved import SavedTensorBytes
 
 F64 = torch.float64
@@ -188,7 +190,7 @@ def test_memory_held_does_not_grow_with_the_network(solver):
     assert ours[0] < theirs[0]
 
 
-def _peak_forward_backward(n_steps: int, save_at_ends: bool) -> int:
+def _peak_forward_backward(n_steps: int, save_at_ends: bool, memory_budget="min") -> int:
     from symadj_plugins.bench.memory import PeakMemory
 
     torch.manual_seed(0)
@@ -197,7 +199,8 @@ def _peak_forward_backward(n_steps: int, save_at_ends: bool) -> int:
     x = torch.randn(64, 16)  # one state: 4 KiB
     t_span = torch.linspace(0, 1, n_steps + 1)
     save_at = t_span[[0, -1]] if save_at_ends else ()
-    with PeakMemory("cpu") as memory:
+    budget = contextlib.nullcontext() if memory_budget is None else symadj_plugins.options(memory_budget=memory_budget)
+    with PeakMemory("cpu") as memory, budget:
         sol = model(x, t_span, save_at=save_at)
         loss = sol[-1].pow(2).sum()
         torch.autograd.grad(loss, list(f.parameters()))
@@ -206,6 +209,7 @@ def _peak_forward_backward(n_steps: int, save_at_ends: bool) -> int:
 
 @pytest.mark.parametrize("save_at_ends", [False, True], ids=["every step returned", "save_at=[t0, T]"])
 def test_peak_memory_grows_by_about_one_state_per_step(registered, save_at_ends):
+    # memory_budget="min": the least memory; the default also keeps each step's stage inputs (see the next test).
     # The trajectory holds one state per step. When torchdyn returns only some of the step ends (save_at), the
     # backward pass must not allocate a cotangent for every step end besides (that was a second state per step).
     state_bytes = 64 * 16 * 4
@@ -216,3 +220,12 @@ def test_peak_memory_grows_by_about_one_state_per_step(registered, save_at_ends)
     # with backprop); the list torchdyn stacked is that copy.
     limit = 1.5 if save_at_ends else 3.5
     assert state_bytes * 0.9 < slope < limit * state_bytes, slope / state_bytes
+
+
+def test_the_default_budget_adds_the_stage_inputs_of_each_step(registered):
+    # rk4: stages 2-4 are new states (stage 1's input is the step's state itself), so 3 more states per step than
+    # memory_budget="min", whatever the network.
+    state_bytes = 64 * 16 * 4
+    minimal = (_peak_forward_backward(300, True) - _peak_forward_backward(100, True)) / 200
+    default = (_peak_forward_backward(300, True, None) - _peak_forward_backward(100, True, None)) / 200
+    assert 2.5 * state_bytes < default - minimal < 3.5 * state_bytes, (default - minimal) / state_bytes

@@ -12,6 +12,7 @@ import torch
 from .._registry import check_internals
 from ..core import odeint_symplectic
 from ..inputs import check_times, parameters_requiring_grad
+from ..options import current_options
 from ._internals import (
     _DISPATCH_CLASSES,
     _INTERNALS_ADVICE,
@@ -48,7 +49,7 @@ def _solve_problem(problem: Any, vf_params: Any, x: torch.Tensor, t_span: torch.
         raise ValueError(f"sensitivity='{SENSITIVITY}' does not compute gradients with respect to t_span; pass "
                          "t_span.detach(), or use sensitivity='autograd' to differentiate the integration times.")
 
-    host = _TorchdynHost(problem, x, t_span, save_at, args, interpolator)
+    host = _TorchdynHost(problem, x, t_span, save_at, args, interpolator, current_options().budget, params)
     y0 = x if problem.integral_loss is None else torch.cat([x.reshape(-1), x.new_zeros(1)])
     solution = odeint_symplectic(host, y0, host.t_core, params)
     return host.t_eval, host.user_solution(solution)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..core import ButcherTableau, HostSolver, StageCall, Trajectory
+from ..core.budget import MemoryBudget
+from ..core.recording import StageKeeper
 from ..core.replay import RngState
 from ._internals import _problems, _tableau_of
 from .coefficients import _rounded_coefficients
@@ -26,14 +29,18 @@ class _TorchdynHost(HostSolver):
     """
 
     def __init__(self, problem: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any, args: Any,
-                 interpolator: Any):
+                 interpolator: Any, memory_budget: MemoryBudget, params: Sequence[torch.Tensor] = ()):
         self.problem = problem
+        self.params = tuple(params)
         self.solver = problem.solver
         self.adaptive = self.solver.stepping_class == "adaptive"
         self.interpolator = interpolator  # the one torchdyn's _adaptive_odeint uses (None if it uses none)
         self.integral_loss = problem.integral_loss
         if self.integral_loss is not None:  # the accumulator's stored values are placeholders: not replay-checked
             self.checked_entries = slice(0, -1)
+            # The forward pass's graphs of f are graphs of x alone, not of the state with the accumulator.
+            memory_budget = dataclasses.replace(memory_budget, graphs=False)
+        self.memory_budget = memory_budget
         self.t_span, self.save_at, self.args = t_span, save_at, args
         self.x_shape, self.state_dtype = x.shape, x.dtype
         self.reversed = bool(t_span[1] < t_span[0])
@@ -75,15 +82,20 @@ class _TorchdynHost(HostSolver):
 
         rounded = _rounded_coefficients(self.solver, self.tableau.num_stages, steps, x)
         host_data = _TorchdynSteps(stage_times, stage_dtypes, step_times, rounded)
-        stage_rng = [step.stage_rng for step in steps] if recorder.drew_random_numbers else None
-        trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_rng=stage_rng)
+        stage_inputs, stage_graphs, stage_rng = recorder.keeper.results()
+        if stage_inputs is not None and self.integral_loss is not None:
+            stage_inputs = [None if inputs is None else [_with_accumulator(v) for v in inputs]
+                            for inputs in stage_inputs]
+        trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs=stage_inputs,
+                                stage_graphs=stage_graphs, stage_rng=stage_rng)
         return solution, trajectory
 
     def _record(self, x: torch.Tensor) -> tuple[_TorchdynStepRecorder, torch.Tensor]:
         """torchdyn's own solve from ``x``, recorded: returns the recorder and torchdyn's ``sol``; sets ``f``,
         ``t_eval``, ``solver`` and ``tableau``."""
         problem = self.problem
-        with _TorchdynStepRecorder(self.solver, start_rng=RngState.capture(x.device)) as recorder:
+        keeper = StageKeeper(self.memory_budget, x, _tableau_of(self.solver).num_stages, self.params)
+        with _TorchdynStepRecorder(self.solver, keeper, start_rng=RngState.capture(x.device)) as recorder:
             self.t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, recorder.solver, problem.atol,
                                                      problem.rtol, interpolator=problem.interpolator,
                                                      save_at=self.save_at, args=self.args)

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..core.replay import RandomnessWatch, RngState
+from ..core.recording import FirstStage, StageKeeper
+from ..core.replay import RngState
 from ._internals import SENSITIVITY, _internals_error
 from .coefficients import _rounds_coefficients
 
@@ -30,7 +31,6 @@ class _Step:
     stage_times: list[torch.Tensor]
     x_new: torch.Tensor | None = None
     k1: torch.Tensor | None = None  # the k1 torchdyn passed, kept only where the replay must reuse it
-    stage_rng: list[RngState | None] = field(default_factory=list)  # per stage: the generator state it drew from
 
 
 @dataclass
@@ -40,18 +40,19 @@ class _TorchdynStepRecorder:
     concurrent solves with one model do not see each other, and an error leaves nothing to restore.
 
     A step is accepted iff torchdyn starts its next step from the state it returned (``x = x_new`` in both
-    ``_fixed_odeint`` and ``_adaptive_odeint``); the last step of a solve is always accepted.
+    ``_fixed_odeint`` and ``_adaptive_odeint``); the last step of a solve is always accepted. Each step's stage
+    evaluations go through the core's :class:`~symadj_plugins.core.recording.StageKeeper` (random states, and what
+    the memory budget keeps).
     """
 
     solver: Any
+    keeper: StageKeeper
     f: Callable | None = None
     steps: list[_Step] = field(default_factory=list)
     final_state: torch.Tensor | None = None
     _pending: _Step | None = None
     _real_step: Callable | None = None
-    randomness: RandomnessWatch | None = None
     start_rng: RngState | None = None  # generators at the solve's start: where an adaptive first k1 drew
-    drew_random_numbers: bool = False
 
     def __enter__(self) -> _TorchdynStepRecorder:
         # torchdyn's odeint writes the synchronised tableau onto the copy (sync_device_dtype): the replay reads it
@@ -71,36 +72,39 @@ class _TorchdynStepRecorder:
         elif f is not self.f:
             raise _internals_error("odeint called solver.step with different vector fields within one solve")
         if self._pending is not None:
-            if x is self._pending.x_new:
+            accepted = x is self._pending.x_new
+            self.keeper.finish_attempt(accepted)
+            if accepted:
                 self._accept(self._pending)
             self._pending = None
+        self.keeper.begin_attempt(self._first_stage(x) if k1 is not None else None)
 
         times: list[torch.Tensor] = []
-        stage_rng: list[RngState | None] = []
         inner = f
-        if self.randomness is None:
-            self.randomness = RandomnessWatch(x.device)
 
         def recording_f(t_, x_, *extra, **kwargs):
             if extra or kwargs:
                 raise _internals_error(f"{type(self.solver).__name__}.step called f with extra arguments")
             times.append(t_)
-            out, rng = self.randomness.call(inner, t_, x_)
-            stage_rng.append(rng)
-            self.drew_random_numbers |= rng is not None
-            return out
+            return self.keeper.evaluate(inner, t_, x_)
 
         out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
-        self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1, stage_rng)
+        self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1)
         return out
+
+    def _first_stage(self, x: torch.Tensor) -> FirstStage:
+        """The k1 torchdyn carries in: the previous accepted step's last stage (first same as last), or for the first
+        step ``f(t_0, x_0)``, the solve's first call."""
+        last = self.keeper.last_stage()
+        if last is None:
+            return FirstStage(x, rng=self.start_rng)
+        return FirstStage(x, last.graph, last.rng)
 
     def _accept(self, step: _Step) -> None:
         # torchdyn carries k1 = f(t, Y_s) from the previous step's last stage (FSAL). The replay re-evaluates
         # f(t, x) instead, which is the same up to rounding unless the previous step rounded its coefficients
         # (then Y_s and x differ by more): only then is k1 kept, for the core to reuse (``Trajectory.carried``).
         previous = self.steps[-1] if self.steps else None
-        if step.k1_given:  # k1 was the previous accepted step's last stage, or f(t_0, x_0), the solve's first call
-            step.stage_rng.insert(0, previous.stage_rng[-1] if previous is not None else self.start_rng)
         if previous is None or not _rounds_coefficients(previous.dt, step.x.dtype):
             step.k1 = None
         self.final_state = step.x_new
@@ -110,6 +114,7 @@ class _TorchdynStepRecorder:
     def finish(self) -> None:
         if self._pending is None:
             raise _internals_error("odeint returned without calling solver.step")
+        self.keeper.finish_attempt(accepted=True)
         self._accept(self._pending)
         self._pending = None
 
