@@ -1,15 +1,17 @@
 """What the installed torchdiffeq offers, checked against what we claim, so each cell of the version matrix
 (``python -m nox -s matrix``, see noxfile.py) tests the API that cell really has.
 
-torchdiffeq 0.2.3 has no ``heun2``/``heun3``; master adds ``tsit5`` and implicit fixed-grid solvers. Every
-explicit Runge–Kutta method present must have exact gradients; every other method must be refused with a
-message (never a silently wrong gradient).
+torchdiffeq 0.2.3 has no ``heun2``/``heun3``; master adds ``tsit5`` and implicit fixed-grid solvers (``python -m
+nox -s dev`` with ``TORCHDIFFEQ_SRC`` set runs it). Every explicit Runge–Kutta method present must have exact
+gradients and torchdiffeq's forward bit for bit; every other method must be refused with a message (never a
+silently wrong gradient).
 """
 
 import pytest
 import torch
 import torch_symplectic_adjoint as tsa
 import torchdiffeq
+from helpers import ADAPTIVE, FIXED
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
@@ -34,6 +36,13 @@ def test_every_explicit_rk_method_of_this_torchdiffeq_is_supported():
         assert "tsit5" in SUPPORTED
 
 
+def test_method_parametrised_tests_cover_every_supported_method():
+    # tests/test_torchdiffeq.py (forward bit for bit, exact gradients, tuples, jump_t, stored stages) is
+    # parametrised over helpers.ADAPTIVE + FIXED: a method of this torchdiffeq missing there goes untested.
+    assert sorted(ADAPTIVE + FIXED) == sorted(SUPPORTED)
+    assert set(ADAPTIVE) == {m for m in SUPPORTED if issubclass(SOLVERS[m], RKAdaptiveStepsizeODESolver)}
+
+
 class _Func(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -51,10 +60,12 @@ def test_exact_gradient_for_each_supported_method(method):
     t = torch.linspace(0, 1, 3, dtype=F64)
     cls = SOLVERS[method]
     options = {"first_step": 0.1} if issubclass(cls, RKAdaptiveStepsizeODESolver) else {"step_size": 0.25}
-    grads = []
+    grads, ys = [], []
     for fn in (torchdiffeq.odeint, adapter.odeint_symplectic_adjoint):
         y = fn(func, y0, t, rtol=1e-6, atol=1e-8, method=method, options=options)
+        ys.append(y)
         grads.append(torch.autograd.grad(y.sum(), (y0, *func.parameters())))
+    assert torch.equal(ys[0], ys[1]), f"{method}: forward must be torchdiffeq's bit for bit"
     for g, ref in zip(*reversed(grads)):
         assert torch.allclose(g, ref, rtol=1e-10, atol=1e-12), method
 
