@@ -112,7 +112,7 @@ def supported_methods() -> list[str]:
 _START_INITIAL = "initial"    # f(t_0, y_0), no perturbation (torchdiffeq's _before_integrate)
 _START_FSAL = "fsal"          # previous step's last stage, which is f(t_n⁻, y_n): re-evaluated, bit-identical
 _START_JUMP = "jump"          # f(t_n⁺, y_n) re-evaluated after a jump_t discontinuity
-_START_CARRIED = "carried"    # previous step's last stage, not at y_n (fehlberg2, adaptive_heun): stored
+_START_CARRIED = "carried"    # previous last stage, not at y_n (fehlberg2, adaptive_heun, master's tsit5): stored
 
 
 class _TorchdiffeqStepRecorder:
