@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="dopri5", choices=ADAPTIVE, help="torchdiffeq method (default: dopri5)")
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--atol", type=float, default=1e-8)
-    parser.add_argument("--out", default="bench_out/examples/bouncing_ball.png",
+    parser.add_argument("--out", metavar="PATH", default="bench_out/examples/bouncing_ball.png",
                         help="where to write the plot ('' for none)")
     args = parser.parse_args(argv)
     if args.nbounces < 1:

@@ -32,7 +32,7 @@ def _png(path: Path) -> None:
 
 
 ALL = sorted(path.name for path in EXAMPLES.glob("*.py"))
-WRITES_A_FILE = {"spiral_fit.py", "cnf_toy_density.py", "which_gradient.py"}
+WRITES_A_FILE = {"spiral_fit.py", "cnf_toy_density.py", "which_gradient.py", "bouncing_ball.py"}
 
 
 @pytest.mark.parametrize("script", ALL)
