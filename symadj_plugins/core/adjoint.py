@@ -201,10 +201,13 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
     carry_cotangent = None  # cotangent of the next step's first stage, when the host carried it from here
     check = ReplayCheck(s, trajectory.num_steps, dtype, device)
     checked = host.checked_entries
+    coefficients = _step_coefficients(host, trajectory, dtype, device)
+    # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
+    hooked = tuple(p for p in params if p._backward_hooks)
 
     for n in reversed(range(trajectory.num_steps)):
         y0 = trajectory.states[n].reshape(-1)
-        ha, hb = host.step_coefficients(trajectory, n)
+        ha, hb = coefficients(n)
         calls = host.stage_calls(trajectory, n)
         first_is_carried = calls[0] is None
         outputs = trajectory.outputs_in_step.get(n, ())
@@ -217,8 +220,8 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         for j in outputs:
             if cotangents[j] is None:
                 continue
-            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, grad_params,
-                                                evaluate)
+            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, hooked,
+                                                grad_params, evaluate)
             lam = lam + g_y1
             grad_y0_from_outputs = g_y0 if grad_y0_from_outputs is None else grad_y0_from_outputs + g_y0
             for i, g in enumerate(g_k):
@@ -249,9 +252,10 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
                 continue
             graph = graphs[i] if graphs is not None else None
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
-                mu[i] = _graph_vjp(graph, kappa, params, grad_params, stage_values[i])
+                mu[i] = _graph_vjp(graph, kappa, params, hooked, grad_params, stage_values[i])
             else:
-                mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, grad_params, stage_values[i])
+                mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, hooked, grad_params,
+                             stage_values[i])
         check.add_step(n, y0[checked], trajectory.states[n + 1].reshape(-1)[checked], hb, stage_values[:, checked])
         lam = lam + mu.sum(0)
         if grad_y0_from_outputs is not None:
@@ -311,7 +315,8 @@ def _recompute_stage_inputs(evaluate: _Evaluator, n: int, calls: Sequence[StageC
 
 
 def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,
-         params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+         params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor],
+         value: torch.Tensor) -> torch.Tensor:
     """``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat); adds ``κᵀ ∂f/∂θ`` into
     ``grad_params`` and writes ``f``'s value into ``value``. One graph of ``f``, freed on return."""
     with torch.enable_grad():
@@ -320,19 +325,19 @@ def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor,
         value.copy_(out.detach().reshape(-1))
         if not out.requires_grad:  # f ignores both y and θ
             return torch.zeros_like(value)
-        with hooks_suspended(params):
+        with hooks_suspended(hooked):
             grads = torch.autograd.grad(out, (y, *params), cotangent.view(evaluate.shape), allow_unused=True)
     _accumulate(grad_params, grads[1:])
     return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
 
 
 def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
-               grad_params: list[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+               hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
     """``μ = κᵀ ∂f/∂y`` on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
     ``grad_params`` and writes ``f``'s value into ``value``. The graph is freed after its last use."""
     value.copy_(graph.out.detach().reshape(-1))
     graph.uses -= 1
-    with hooks_suspended(params):
+    with hooks_suspended(hooked):
         grads = torch.autograd.grad(graph.out, (graph.leaf, *params), cotangent.view_as(graph.out), allow_unused=True,
                                     retain_graph=graph.uses > 0)
     if graph.uses <= 0:
@@ -342,8 +347,8 @@ def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Te
 
 
 def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, t_out: torch.Tensor,
-                      cotangent: torch.Tensor, params: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor],
-                      evaluate: _Evaluator):
+                      cotangent: torch.Tensor, params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...],
+                      grad_params: list[torch.Tensor], evaluate: _Evaluator):
     """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``; ``None`` for a
     stage the output does not depend on. The stages enter as zeros: dense output is linear in them."""
     with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
@@ -351,7 +356,7 @@ def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stag
         y1 = trajectory.states[n + 1].detach().requires_grad_(True)
         k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
-    with hooks_suspended(params):
+    with hooks_suspended(hooked):
         grads = torch.autograd.grad(out, (y0, y1, *k, *params), cotangent, allow_unused=True)
     g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
     g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
@@ -360,9 +365,19 @@ def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stag
 
 
 def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    for total, g in zip(totals, grads):
-        if g is not None:
-            total.add_(g)
+    pairs = [(total, g) for total, g in zip(totals, grads) if g is not None]
+    if pairs:  # one fused call for all parameters
+        torch._foreach_add_([total for total, _ in pairs], [g for _, g in pairs])
+
+
+def _step_coefficients(host: HostSolver, trajectory: Trajectory, dtype: torch.dtype, device: torch.device):
+    """``n -> (h·A, h·b)`` for every step: the host's own, or (by default) all steps' at once, indexed per step."""
+    if type(host).step_coefficients is not HostSolver.step_coefficients:
+        return lambda n: host.step_coefficients(trajectory, n)
+    a, b = host.tableau.tensors(dtype, device)
+    h = trajectory.dt.to(dtype)
+    ha, hb = h[:, None, None] * a, h[:, None] * b
+    return lambda n: (ha[n], hb[n])
 
 
 def time_gradient(host: HostSolver, t: torch.Tensor, y0: torch.Tensor, values: Sequence[torch.Tensor | None],
