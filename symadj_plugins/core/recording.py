@@ -12,6 +12,7 @@ The keeper notes, per accepted step, within the memory budget (``core.budget``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,12 @@ class StageKeeper:
         self._inputs.append(y)
         if not self._building:
             value, rng = self.randomness.call(fn, t, y, **kwargs)
+        elif math.isinf(self.ledger.budget.bytes):  # no limit: nothing to measure
+            leaf = y.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out, rng = self.randomness.call(fn, t, leaf, **kwargs)
+            value = out.detach()
+            self._graphs.append(KeptGraph(leaf, out, 0))
         else:
             leaf = y.detach().requires_grad_(True)
             with torch.enable_grad(), measure_saved_bytes([*self.params, leaf]) as meter:
