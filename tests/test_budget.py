@@ -218,3 +218,24 @@ def test_conflicting_arguments_are_refused():
         odeint_symplectic_adjoint(func, y0, t, memory_budget=0, store_stages=True)
     with pytest.raises(TypeError, match="SymplecticAdjoint"):
         odeint_symplectic_adjoint(func, y0, t, adjoint=dict(memory_budget=0))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4", "rk38"])
+def test_the_torch_symplectic_adjoint_drop_in_keeps_the_originals_minimal_memory(method):
+    import torch_symplectic_adjoint
+
+    seen = []
+    original = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
+
+    def spy(self, y, t):
+        seen.append(self.memory_budget)
+        return original(self, y, t)
+
+    func = WideField(8).double()
+    y0 = torch.randn(2, 8, dtype=torch.float64)
+    options = None if method == "dopri5" else dict(step_size=0.5)
+    with pytest.MonkeyPatch.context() as patch, symadj_plugins.options(memory_budget="max"):
+        patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
+        torch_symplectic_adjoint.odeint_symplectic_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64),
+                                                           method=method, options=options)
+    assert seen == [MemoryBudget(0)]
