@@ -239,3 +239,57 @@ def test_the_torch_symplectic_adjoint_drop_in_keeps_the_originals_minimal_memory
         torch_symplectic_adjoint.odeint_symplectic_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64),
                                                            method=method, options=options)
     assert seen == [MemoryBudget(0)]
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4", "dopri5", "tsit5"])
+@pytest.mark.parametrize("integral", [False, True], ids=["", "integral loss"])
+def test_every_budget_gives_the_same_gradient_with_torchdyn(registered, solver, integral):
+    from torchdyn.core import NeuralODE
+
+    torch.manual_seed(5)
+    field = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    cost = (lambda t, x: x.pow(2).sum(-1)) if integral else None
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 11, dtype=torch.float64)
+    results = {}
+    # None: torchdyn's own autograd (which wants the state augmented by hand with an integral loss: not here)
+    for level in ["min", "stages", "100KiB", "max"] + ([] if integral else [None]):
+        model = NeuralODE(field, solver=solver, sensitivity="autograd" if level is None else "symplectic_adjoint",
+                          atol=1e-6, rtol=1e-6, integral_loss=cost, return_t_eval=False)
+        xx = x.clone().requires_grad_(True)
+        with symadj_plugins.options(memory_budget=level if level is not None else "min"):
+            sol = model(xx, t_span)
+        results[level] = (sol.detach(), torch.autograd.grad(sol.pow(2).sum(), (xx, *field.parameters())))
+    base_out, base = results["min"]
+    for level in ["stages", "100KiB", "max"]:
+        assert torch.equal(results[level][0], base_out), level
+        assert _relative(results[level][1], base) <= 1e-12, level
+    if solver in ("euler", "midpoint", "rk4") and not integral:  # autograd differentiates nothing else there
+        assert _relative(base, results[None][1]) <= 1e-10
+
+
+def test_torchdyn_held_bytes_stay_within_the_trajectory_plus_the_budget(registered):
+    from torchdyn.core import NeuralODE
+
+    class Field(WideField):
+        def forward(self, t, y, args=None):  # torchdyn passes args to a field that takes t
+            return super().forward(t, y)
+
+    torch.manual_seed(6)
+    field = Field(64)
+    model = NeuralODE(field, solver="rk4", sensitivity="symplectic_adjoint", return_t_eval=False)
+    x = torch.randn(16, 8, requires_grad=True)
+    t_span = torch.linspace(0, 1, 21)
+
+    def held(level):
+        meter = SavedTensorBytes(exclude=[*field.parameters(), x, t_span])
+        with meter, symadj_plugins.options(memory_budget=level):
+            sol = model(x, t_span, save_at=t_span[[0, -1]])
+        result = meter.held
+        sol.sum().backward()
+        return result
+
+    trajectory = held("min")
+    for budget in [10_000, 60_000, 300_000]:
+        assert trajectory < held(budget) <= trajectory + budget
+    assert held("max") > held(300_000) > held(10_000)
