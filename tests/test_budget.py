@@ -154,7 +154,8 @@ def test_a_second_backward_through_kept_graphs_replays_instead():
 
 # --- how the budget is given ---------------------------------------------------------------------------
 
-def _budget_seen(**kwargs):
+def _budget_seen(solve=odeint_symplectic_adjoint, method="rk4", options=None, **kwargs):
+    """The memory budget the torchdiffeq adapter's host solves with, for one call of ``solve``."""
     seen = []
     original = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
 
@@ -164,11 +165,11 @@ def _budget_seen(**kwargs):
 
     func = WideField(8).double()
     y0 = torch.randn(2, 8, dtype=torch.float64)
+    options = dict(step_size=0.5) if options is None and method != "dopri5" else options
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
-        solve = kwargs.pop("solve", odeint_symplectic_adjoint)
-        solve(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), method="rk4", options=dict(step_size=0.5),
-              **kwargs)
+        solve(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), method=method, options=options, **kwargs)
+    assert len(seen) == 1
     return seen[0]
 
 
@@ -224,21 +225,8 @@ def test_conflicting_arguments_are_refused():
 def test_the_torch_symplectic_adjoint_drop_in_keeps_the_originals_minimal_memory(method):
     import torch_symplectic_adjoint
 
-    seen = []
-    original = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
-
-    def spy(self, y, t):
-        seen.append(self.memory_budget)
-        return original(self, y, t)
-
-    func = WideField(8).double()
-    y0 = torch.randn(2, 8, dtype=torch.float64)
-    options = None if method == "dopri5" else dict(step_size=0.5)
-    with pytest.MonkeyPatch.context() as patch, symadj_plugins.options(memory_budget="max"):
-        patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
-        torch_symplectic_adjoint.odeint_symplectic_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64),
-                                                           method=method, options=options)
-    assert seen == [MemoryBudget(0)]
+    with symadj_plugins.options(memory_budget="max"):
+        assert _budget_seen(torch_symplectic_adjoint.odeint_symplectic_adjoint, method) == MemoryBudget(0)
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4", "dopri5", "tsit5"])
