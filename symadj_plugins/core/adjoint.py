@@ -238,6 +238,7 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         # The reverse stage sweep.
         mu.zero_()
         carry_cotangent = None
+        replayed_only = True  # a step with kept graphs has the forward's own stage values: nothing to check
         for i in reversed(range(s)):
             if not plan.vjp[i]:
                 continue
@@ -252,11 +253,14 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
                 continue
             graph = graphs[i] if graphs is not None else None
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
-                mu[i] = _graph_vjp(graph, kappa, params, hooked, grad_params, stage_values[i])
+                mu[i] = _graph_vjp(graph, kappa, params, hooked, grad_params)
+                replayed_only = False
             else:
                 mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, hooked, grad_params,
                              stage_values[i])
-        check.add_step(n, y0[checked], trajectory.states[n + 1].reshape(-1)[checked], hb, stage_values[:, checked])
+        if replayed_only:
+            check.add_step(n, y0[checked], trajectory.states[n + 1].reshape(-1)[checked], hb,
+                           stage_values[:, checked])
         lam = lam + mu.sum(0)
         if grad_y0_from_outputs is not None:
             lam = lam + grad_y0_from_outputs
@@ -332,18 +336,17 @@ def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor,
 
 
 def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
-               hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
-    """``μ = κᵀ ∂f/∂y`` on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
-    ``grad_params`` and writes ``f``'s value into ``value``. The graph is freed after its last use."""
-    value.copy_(graph.out.detach().reshape(-1))
+               hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]) -> torch.Tensor:
+    """``μ = κᵀ ∂f/∂y`` (flat) on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
+    ``grad_params``. The graph is freed after its last use."""
     graph.uses -= 1
     with hooks_suspended(hooked):
-        grads = torch.autograd.grad(graph.out, (graph.leaf, *params), cotangent.view_as(graph.out), allow_unused=True,
-                                    retain_graph=graph.uses > 0)
+        grads = torch.autograd.grad([graph.output], (graph.leaf, *params), [cotangent.view(graph.shape)],
+                                    allow_unused=True, retain_graph=graph.uses > 0)
     if graph.uses <= 0:
         graph.drop()
     _accumulate(grad_params, grads[1:])
-    return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
+    return torch.zeros_like(cotangent) if grads[0] is None else grads[0].reshape(-1)
 
 
 def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, t_out: torch.Tensor,

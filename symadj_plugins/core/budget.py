@@ -14,7 +14,7 @@ The decision is online (an adaptive solver does not know how many steps it will 
 stage inputs while they fit, evicting the graphs of earlier steps if they must; then it keeps its graphs if they fit in
 what is left. A rejected attempt frees what it built. What is counted, against :attr:`MemoryBudget.bytes`: the stage
 inputs (``s`` states per step), and for a kept graph the bytes autograd saves for it (measured with saved-tensor hooks;
-each storage once, parameters and the stage input excluded) plus the stage value ``k_i`` it ends in. The mandatory
+each storage once, parameters and the stage input excluded). The mandatory
 trajectory (states, step sizes, carried stages) is not counted: it is what the minimal path holds.
 """
 
@@ -84,23 +84,30 @@ class MemoryBudget:
 class KeptGraph:
     """One evaluation of ``f`` made by the forward pass with a graph: ``out = f(t, leaf)``.
 
-    ``leaf`` is the stage input (a detached, grad-requiring alias of the value the solver computed); ``out`` the stage
-    value with its graph, until the backward pass consumes it (or the budget evicts it): then only ``leaf`` is left,
-    which still serves as the stage input. ``uses`` counts the stages that refer to this evaluation (two for a
-    first-same-as-last stage, which is the next step's first stage too).
+    ``leaf`` is the stage input (a detached, grad-requiring alias of the value the solver computed). Of ``out`` only
+    its place in the graph is kept (a ``GradientEdge``, so that its values are not held twice: the solver has them),
+    until the backward pass consumes it (or the budget evicts it): then only ``leaf`` is left, which still serves as
+    the stage input. ``uses`` counts the stages that refer to this evaluation (two for a first-same-as-last stage,
+    which is the next step's first stage too).
     """
 
-    __slots__ = ("leaf", "out", "nbytes", "uses")
+    __slots__ = ("leaf", "output", "shape", "nbytes", "uses")
 
     def __init__(self, leaf: torch.Tensor, out: torch.Tensor, nbytes: int):
-        self.leaf, self.out, self.nbytes, self.uses = leaf, out, nbytes, 1
+        self.leaf, self.output, self.shape, self.nbytes, self.uses = leaf, _edge(out), out.shape, nbytes, 1
 
     @property
     def alive(self) -> bool:
-        return self.out is not None
+        return self.output is not None
 
     def drop(self) -> None:
-        self.out = None
+        self.output = None
+
+
+def _edge(out: torch.Tensor):
+    """Where ``out`` enters the graph, without holding its values (torch >= 2.2); the tensor itself before that."""
+    get_gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    return out if get_gradient_edge is None else get_gradient_edge(out)
 
 
 class BudgetLedger:

@@ -95,7 +95,6 @@ class StageKeeper:
             leaf = y.detach().requires_grad_(True)
             with torch.enable_grad(), measure_saved_bytes([*self.params, leaf]) as meter:
                 out, rng = self.randomness.call(fn, t, leaf, **kwargs)
-            meter.count(out)
             value = out.detach()
             self._graphs.append(KeptGraph(leaf, out, meter.bytes))
             built = sum(g.nbytes for g in self._graphs)
