@@ -149,6 +149,13 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _isolation(args: argparse.Namespace) -> str:
+    text = f"a fresh process per {args.isolate}"
+    if "budget" in args.problem:
+        text += " (budget: one process per case, its methods timed round-robin)"
+    return text
+
+
 def _load_avg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.device), "load_average_start": _load_avg(),
             "memory_method": CUDA_METHOD if args.device == "cuda" else CPU_METHOD, "timing_method": TIMING_METHOD,
-            "isolation": f"a fresh process per {args.isolate}", "repeats": args.repeats, "quick": args.quick}
+            "isolation": _isolation(args), "repeats": args.repeats, "quick": args.quick}
     jobs = plan(args)
     records: list[dict] = []
     start = time.time()
