@@ -20,7 +20,7 @@ import torch
 
 from symadj_plugins.bench import report
 from symadj_plugins.bench.memory import PeakMemory, mark
-from symadj_plugins.bench.methods import METHODS
+from symadj_plugins.bench.methods import BUDGET_FRACTIONS, BUDGET_METHODS, DEFAULT_METHODS, METHODS, budget_method
 from symadj_plugins.bench.problems import build, cases
 from symadj_plugins.bench.worker import gradient
 
@@ -140,7 +140,7 @@ def test_quick_benchmark_runs_every_method(tmp_path):
 
     result = json.loads((tmp_path / "results.json").read_text())
     records = {r["method"]: r for r in result["records"]}
-    assert set(METHODS) <= set(records)
+    assert set(DEFAULT_METHODS["cnf"]) <= set(records)
     for name, r in records.items():
         assert r["status"] == "ok", (name, r.get("reason"))
         for key in ("peak_bytes", "fwd_s", "bwd_s", "total_s", "nfe_fwd", "grad_err"):
@@ -149,7 +149,7 @@ def test_quick_benchmark_runs_every_method(tmp_path):
         if name != "backprop" and name != "torchdyn-autograd":
             assert r["nfe_bwd"] > 0, name
     # Exact methods reproduce backprop through the same steps (float32).
-    for name in ("ours-torchdiffeq", "ours-stored-stages", "ckpt-step", "ckpt-stage"):
+    for name in ("ours-torchdiffeq", "ours-min", "ours-max", "ckpt-step", "ckpt-stage"):
         assert records[name]["grad_err_vs_backprop"] < 1e-4, name
     assert records["ours-torchdiffeq"]["peak_bytes"] < records["backprop"]["peak_bytes"]
     assert result["meta"]["memory_method"].startswith("torch.profiler")
@@ -189,3 +189,84 @@ def test_plots_tell_every_method_apart_and_label_them(tmp_path, monkeypatch):
     report.plots(records, tmp_path)
     assert {"backprop", "torchdyn-autograd", "ours-torchdiffeq"} <= set(figures["steps_memory_time.png"])
     assert {"backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"} <= set(figures["cnf_time_error_memory.png"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The memory budget
+
+@pytest.mark.parametrize("problem", ["steps", "cnf"])
+def test_every_budget_gives_backprops_gradient_through_the_same_steps(problem):
+    # float64: the sweep's points differ from backprop through the same steps only by rounding, whatever the
+    # budget keeps. On a fixed grid that is torchdiffeq's backprop; on adaptive steps torchdiffeq's backprop also
+    # differentiates its step-size choices, so the peer is per-step checkpointed backprop through the accepted
+    # steps (whose replayed step ends carry the dense output's rounding: 1e-9), and the budgets must agree with
+    # each other to 1e-10.
+    setup = build(_tiny(problem, **({"n_steps": 6} if problem == "steps" else {"hidden": [16, 16], "batch": 8})))
+    g_ref, _, _ = gradient(setup, "backprop" if problem == "steps" else "ckpt-step")
+    g_min, _, _ = gradient(setup, "ours-min")
+    assert (g_min - g_ref).norm() <= (1e-10 if problem == "steps" else 1e-9) * g_ref.norm()
+    backward_nfe = []
+    for name in ["ours-min", *BUDGET_METHODS, "ours-torchdiffeq", "ours-max"]:
+        g, counter, _ = gradient(setup, name)
+        assert (g - g_min).norm() <= 1e-10 * g_min.norm(), name
+        backward_nfe.append(counter.nfe["backward"])
+    # The budget reaches the solver: more bytes, fewer evaluations of f in the backward pass; max needs ~none
+    # (an adaptive solver's last, interpolated output may take one).
+    sweep = backward_nfe[1:1 + len(BUDGET_METHODS)]
+    assert sweep == sorted(sweep, reverse=True) and sweep[0] > sweep[-1], backward_nfe
+    assert backward_nfe[0] == sweep[0] and backward_nfe[-1] <= 1, backward_nfe
+
+
+def test_budget_fractions_are_of_backprops_saved_bytes_on_the_case():
+    from symadj_plugins.bench.methods import backprop_saved_bytes
+    from symadj_plugins.bench.models import CountingField
+    from symadj_plugins.bench.saved import SavedTensorBytes
+
+    setup = build(_tiny("steps", n_steps=4))  # rk4, float64: 4 graphs of f per step
+    saved = backprop_saved_bytes(setup)
+    one_eval = SavedTensorBytes(exclude=[*setup.params(), setup.y0])
+    with one_eval:
+        out = setup.field(setup.t[0], setup.y0)
+    assert 16 * one_eval.held <= saved <= 16 * one_eval.held + 64 * setup.state_bytes, (saved, one_eval.held)
+    del out
+    run = METHODS[budget_method(0.25)].prepare(setup, CountingField(setup.field, setup.adaptive))
+    assert run.info["budget_bytes"] == int(0.25 * saved) and run.info["backprop_saved_bytes"] == saved
+
+
+def test_time_ratios_pair_each_repeat_with_backprops():
+    base = {"total_s": 2.0, "times_fwd": [1.0, 2.0, 1.0], "times_bwd": [1.0, 2.0, 0.5]}  # totals 2, 4, 1.5
+    r = {"total_s": 3.0, "times_fwd": [2.0, 4.0, 1.0], "times_bwd": [1.0, 2.0, 2.0]}  # totals 3, 6, 3
+    median, low, high = report.ratio_spread(r, base)
+    assert (median, low, high) == (pytest.approx(1.5), pytest.approx(1.5), pytest.approx(2.0))
+    assert report.ratio_spread({"total_s": 3.0}, base) == (1.5, 1.5, 1.5)  # no per-repeat times: medians
+
+
+def test_quick_budget_run_measures_every_method_and_memory_grows_with_the_budget(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "symadj_plugins.bench", "--problem", "budget", "--quick",
+                           "--repeats", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| method | memory budget | peak memory | × backprop | fwd+bwd s | × backprop (min–max) |" in proc.stdout
+    result = json.loads((tmp_path / "results.json").read_text())
+    labels = list(dict.fromkeys(r["label"] for r in result["records"]))
+    assert len(labels) == 2  # the cnf case and the steps case
+    for label in labels:
+        records = {r["method"]: r for r in result["records"] if r["label"] == label}
+        assert set(records) == set(DEFAULT_METHODS["budget"]), label
+        for name, r in records.items():
+            assert r["status"] == "ok", (label, name, r.get("reason"))
+            assert r["peak_bytes"] > 0 and r["repeats"] == 2 and r["timing"] == "interleaved", (label, name)
+        for name in [*BUDGET_METHODS, "ours-torchdiffeq", "ours-max", "ckpt-step", "ckpt-stage"]:
+            assert records[name]["grad_err_vs_backprop"] < 1e-4, (label, name)  # float32 rounding
+        saved = records[BUDGET_METHODS[0]]["backprop_saved_bytes"]
+        assert saved > 0
+        for x, name in zip(BUDGET_FRACTIONS, BUDGET_METHODS):
+            assert records[name]["budget_bytes"] == int(x * saved)
+        # Memory is deterministic: a larger budget never lowers the peak (beyond a few KiB of the profiler's
+        # bookkeeping), and the largest budgets keep backprop-sized graphs.
+        peaks = [records[name]["peak_bytes"] for name in [*BUDGET_METHODS, "ours-max"]]
+        noise = 8 * 2 ** 10
+        assert all(b >= a - noise for a, b in zip(peaks, peaks[1:])), (label, peaks)
+        assert peaks[-1] > 4 * peaks[0], (label, peaks)
+    assert (tmp_path / "budget_time_memory.png").stat().st_size > 10_000

@@ -3,7 +3,8 @@
 Compares, on the same problem and solver in the same run: torchdiffeq backprop (``odeint``), the continuous
 adjoint (``odeint_adjoint`` at the forward tolerance, at a tighter backward tolerance, with the seminorm),
 per-step and per-step + per-stage checkpointing (``torch.utils.checkpoint``), torchdyn ``autograd`` /
-``adjoint`` / ``interpolated_adjoint``, and the symplectic adjoint through both adapters.
+``adjoint`` / ``interpolated_adjoint``, and the symplectic adjoint through both adapters, at its default
+``memory_budget`` and (``ours-min``, ``ours-max``, ``ours-budget-<fraction>``, the ``budget`` problem) across it.
 
 Figures per method: peak memory during forward + backward, forward and backward wall time, function
 evaluations and accepted steps (forward / backward), and the gradient's relative error against a float64

@@ -4,6 +4,7 @@ Examples::
 
     python -m symadj_plugins.bench --quick                      # < 1 min: tiny CNF, every method
     python -m symadj_plugins.bench --problem cnf steps          # the README tables
+    python -m symadj_plugins.bench --problem budget             # time vs memory across memory_budget
     python -m symadj_plugins.bench --problem all --out bench_out
     python -m symadj_plugins.bench --problem steps --methods backprop,ours-torchdiffeq
     python -m symadj_plugins.bench --problem cnf steps --report-only   # tables/plots from saved JSON
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per method after warm-up (default 3; "
                                                              "quick: 1)")
     p.add_argument("--isolate", choices=["method", "case"], default=None,
-                   help="a fresh process per method (default) or per case (default with --quick)")
+                   help="a fresh process per method (default) or per case (default with --quick; always for the "
+                        "budget problem, whose methods are timed round-robin)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads in the workers (default 1: ratios stay meaningful on a shared "
                         "machine, where idle-waiting intra-op threads make multi-threaded timings erratic; "
@@ -96,6 +98,12 @@ def missing_dependencies(args: argparse.Namespace) -> list[str]:
     return missing
 
 
+def interleaved(case: dict) -> bool:
+    """Whether the case's methods run in one process, timed round-robin (the ``budget`` problem: its times are
+    ratios to backprop per repeat, which need backprop's repeats next to each method's)."""
+    return case["problem"] == "budget"
+
+
 def plan(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
     """``(case, methods)`` per worker process, in the order they run."""
     jobs = []
@@ -108,7 +116,7 @@ def plan(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
             chosen = sorted(chosen, key=lambda m: list(METHODS).index(m))
             if not chosen:
                 continue
-            if args.isolate == "case":
+            if args.isolate == "case" or interleaved(case):
                 jobs.append((case, chosen))
             else:
                 jobs.append((case, []))  # the float64 reference gradient, cached for the others
@@ -141,6 +149,13 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _isolation(args: argparse.Namespace) -> str:
+    text = f"a fresh process per {args.isolate}"
+    if "budget" in args.problem:
+        text += " (budget: one process per case, its methods timed round-robin)"
+    return text
+
+
 def _load_avg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -150,7 +165,7 @@ def _load_avg() -> list[float] | None:
 
 def run_job(case: dict, methods: list[str], args, cache: Path, logs: Path) -> list[dict]:
     spec = {"case": case, "methods": methods, "repeats": args.repeats, "device": args.device,
-            "cache_dir": str(cache), "threads": args.threads or None}
+            "cache_dir": str(cache), "threads": args.threads or None, "interleave": interleaved(case)}
     name = f"{case['problem']}-{case_key(case)}-{'+'.join(methods) or 'reference'}"
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -210,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(args.device), "load_average_start": _load_avg(),
             "memory_method": CUDA_METHOD if args.device == "cuda" else CPU_METHOD, "timing_method": TIMING_METHOD,
-            "isolation": f"a fresh process per {args.isolate}", "repeats": args.repeats, "quick": args.quick}
+            "isolation": _isolation(args), "repeats": args.repeats, "quick": args.quick}
     jobs = plan(args)
     records: list[dict] = []
     start = time.time()

@@ -13,6 +13,10 @@ it holds one graph of ``f`` at a time, like the symplectic adjoint. The step tim
 known (fixed grid); otherwise a first solve without a graph records torchdiffeq's accepted steps
 (``callback_accept_step``), and each step is replayed with ``first_step = min_step = max_step = dt_n`` so the
 replay takes exactly that step (that recording solve is part of the method's forward time and NFE).
+
+The symplectic adjoint runs at its default ``memory_budget`` (``ours-torchdiffeq``: no budget argument), at
+``"min"`` and ``"max"``, and at fractions of backprop's saved bytes on the case (``ours-budget-<fraction>``,
+:func:`backprop_saved_bytes`): the ``budget`` problem's sweep.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ _TORCHDIFFEQ_ODEINT_ADJOINT = torchdiffeq.odeint_adjoint
 # adjoint-tight: backward tolerances = forward tolerances x this. (x0.01 at FFJORD's rtol=1e-6 asks float32 for
 # rtol=1e-8, below its rounding: the backward solve then takes ~40x more steps, see the cnf sweep at rtol=1e-7.)
 TIGHT_FACTOR = 0.1
+
+
+# The budget sweep: memory_budget = fraction × backprop's saved bytes on the case (``ours-budget-<fraction>``).
+BUDGET_FRACTIONS = (0.0, 0.05, 0.25, 0.5, 1.0)
+
+
+def budget_method(fraction: float) -> str:
+    """The method name of the budget sweep's point at ``fraction`` × backprop's saved bytes."""
+    return f"ours-budget-{fraction:g}"
 
 
 class Unavailable(Exception):
@@ -77,17 +90,51 @@ def _adjoint(tight: bool = False, seminorm: bool = False):
     return prepare
 
 
-def _ours_torchdiffeq(store_stages: bool = False):
+_DEFAULT = object()  # no memory_budget argument at all: the symplectic adjoint's own default
+
+
+def _ours_torchdiffeq(memory_budget=_DEFAULT, fraction: float | None = None):
+    """``odeint_symplectic_adjoint`` with ``memory_budget`` (a budget as the user writes it), or with ``fraction``
+    × backprop's saved bytes on the case (:func:`backprop_saved_bytes`), or with no budget argument at all."""
     def prepare(setup: Setup, f: CountingField):
         from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
         params = setup.params()
+        kwargs, info = {}, {}
+        if fraction is not None:
+            reference = backprop_saved_bytes(setup)
+            kwargs["memory_budget"] = int(fraction * reference)
+            info = {"budget": f"{fraction:g} × backprop", "budget_fraction": fraction,
+                    "budget_bytes": kwargs["memory_budget"], "backprop_saved_bytes": reference}
+        elif memory_budget is not _DEFAULT:
+            kwargs["memory_budget"] = memory_budget
+            info = {"budget": str(memory_budget)}
+        else:
+            info = {"budget": "default"}
 
         def run():
             return odeint_symplectic_adjoint(f, setup.y0, setup.t, rtol=setup.rtol, atol=setup.atol,
                                              method=setup.method, options=dict(setup.options), adjoint_params=params,
-                                             store_stages=store_stages)
+                                             **kwargs)
+        run.info = info  # what the worker adds to the method's record
         return run
     return prepare
+
+
+def backprop_saved_bytes(setup: Setup) -> int:
+    """Bytes autograd saves during one backprop forward solve of ``setup`` (torchdiffeq ``odeint`` + the loss): the
+    distinct storages its graph holds when backward would start, parameters and ``y0`` excluded. The unit of the
+    ``ours-budget-<fraction>`` methods; measured once per setup (it is deterministic) and cached on it."""
+    if setup.backprop_saved_bytes is not None:
+        return setup.backprop_saved_bytes
+    from .saved import SavedTensorBytes
+    meter = SavedTensorBytes(exclude=[*setup.params(), setup.y0])
+    with meter:
+        sol = torchdiffeq.odeint(setup.field, setup.y0, setup.t, rtol=setup.rtol, atol=setup.atol,
+                                 method=setup.method, options=dict(setup.options))
+        loss = setup.loss(sol[-1])
+    setup.backprop_saved_bytes = meter.held  # read while the graph is alive
+    del sol, loss  # frees the graph
+    return setup.backprop_saved_bytes
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -226,17 +273,24 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("torchdyn-adjoint", "torchdyn adjoint", "adjoint", _torchdyn("adjoint")),
     Method("torchdyn-interp-adjoint", "torchdyn interpolated_adjoint", "adjoint",
            _torchdyn("interpolated_adjoint")),
-    Method("ours-torchdiffeq", "ours: symplectic adjoint (torchdiffeq)", "ours", _ours_torchdiffeq()),
-    Method("ours-stored-stages", "ours (torchdiffeq), store_stages=True", "ours", _ours_torchdiffeq(store_stages=True)),
+    Method("ours-torchdiffeq", "ours: symplectic adjoint (torchdiffeq), default budget", "ours", _ours_torchdiffeq()),
+    Method("ours-min", "ours (torchdiffeq), memory_budget='min'", "ours", _ours_torchdiffeq("min")),
+    *[Method(budget_method(x), f"ours (torchdiffeq), memory_budget = {x:g} × backprop's saved bytes", "ours",
+             _ours_torchdiffeq(fraction=x)) for x in BUDGET_FRACTIONS],
+    Method("ours-max", "ours (torchdiffeq), memory_budget='max'", "ours", _ours_torchdiffeq("max")),
     Method("ours-torchdyn", "ours: symplectic adjoint (torchdyn)", "ours",
            _torchdyn("symplectic_adjoint", ours=True)),
 ]}
 
+BUDGET_METHODS = [budget_method(x) for x in BUDGET_FRACTIONS]
+
 # What each problem runs unless --methods says otherwise ("sweep" cases run only the last list).
 DEFAULT_METHODS = {
-    "cnf": list(METHODS),
-    "steps": ["backprop", "ckpt-step", "ckpt-stage", "adjoint", "torchdyn-autograd", "ours-torchdiffeq",
+    "cnf": [m for m in METHODS if m not in BUDGET_METHODS],
+    "steps": ["backprop", "ckpt-step", "ckpt-stage", "adjoint", "torchdyn-autograd", "ours-torchdiffeq", "ours-min",
               "ours-torchdyn"],
+    # The budget sweep, with the other methods as points on the same time-vs-memory axes.
+    "budget": ["backprop", "adjoint", "ckpt-step", "ckpt-stage", "ours-torchdiffeq", *BUDGET_METHODS, "ours-max"],
     "stages": ["backprop", "ckpt-step", "ckpt-stage", "adjoint", "ours-torchdiffeq", "ours-torchdyn"],
     "physics": ["backprop", "adjoint", "ours-torchdiffeq"],
 }

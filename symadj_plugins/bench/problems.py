@@ -9,6 +9,9 @@ exactly the same model, data and solver settings from it. :func:`build` turns a 
 - ``steps``: a tanh MLP field, fixed-grid rk4 with N = 10 ... 1000 steps: memory and time vs N.
 - ``stages``: the same field, N fixed, across euler, midpoint, rk4, dopri5, dopri8 (s = 1, 2, 4, 7, 13);
   dopri5/dopri8 are forced to take the same N steps (``first_step = min_step = max_step``).
+- ``budget``: the symplectic adjoint's ``memory_budget`` swept from 0 to backprop's saved bytes on the ``cnf``
+  headline case, a wider ``cnf`` (MLP 512 wide) and ``steps`` at N = 1000, with backprop, the continuous adjoint
+  and both checkpointing baselines as points on the same time-vs-memory axes (``case['model']`` names the model).
 - ``physics``: a discretised KdV equation with a learned nonlinearity (stiff-ish), float32 and float64,
   gradient error vs tolerance for the continuous adjoint and ours.
 """
@@ -25,7 +28,7 @@ import torch
 
 from .models import CNFField, KdVField, MLPField, cnf_nll
 
-PROBLEMS = ("cnf", "steps", "stages", "physics")
+PROBLEMS = ("cnf", "steps", "stages", "physics", "budget")
 
 FIXED_GRID = ("euler", "midpoint", "rk4")
 STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 7, "dopri8": 13}
@@ -64,6 +67,7 @@ class Setup:
     loss: Callable[[torch.Tensor], torch.Tensor]
     torchdyn_solver: str | None
     case: dict = field(default_factory=dict)
+    backprop_saved_bytes: int | None = None  # measured on first use (methods.backprop_saved_bytes)
 
     @property
     def adaptive(self) -> bool:
@@ -132,7 +136,29 @@ def cases(problem: str, quick: bool) -> list[dict]:
                 out.append(dict(problem="physics", **size, solver="dopri5", rtol=tol, atol=tol, dtype=dtype,
                                 seed=0, role="all", label=f"{dtype} tol={tol:g}"))
         return out
+    if problem == "budget":
+        return _budget_cases(quick)
     raise ValueError(f"unknown problem {problem!r}; choose from {', '.join(PROBLEMS)}")
+
+
+def _budget_cases(quick: bool) -> list[dict]:
+    """The ``budget`` problem: the ``cnf`` headline case (and a wider one) and ``steps`` at its largest N, each
+    with ``model`` naming the problem whose model, data and loss it uses."""
+    cnf = cases("cnf", quick)[0]
+    steps = cases("steps", quick)[-1]
+    if quick:  # seconds: eleven methods, each measured under the profiler, in one process
+        cnf = dict(cnf, hidden=[32, 32], batch=16)
+        steps = dict(steps, n_steps=30, label="N=30")
+    out = [dict(cnf, problem="budget", model="cnf", label=f"cnf {_widths(cnf)}")]
+    if not quick:
+        wide = dict(cnf, hidden=[512, 512])
+        out.append(dict(wide, problem="budget", model="cnf", label=f"cnf {_widths(wide)}"))
+    out.append(dict(steps, problem="budget", model="steps", label=f"steps {steps['label']}"))
+    return out
+
+
+def _widths(case: dict) -> str:
+    return "-".join(str(n) for n in (case["dim"], *case["hidden"], case["dim"]))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -146,7 +172,7 @@ def build(case: dict, device: torch.device | str = "cpu") -> Setup:
     """
     dtype = getattr(torch, case["dtype"])
     torch.manual_seed(case.get("seed", 0))
-    problem = case["problem"]
+    problem = case.get("model", case["problem"])  # a budget case names the problem whose model it uses
     if problem == "cnf":
         field_, y0, loss, t_end = _cnf(case)
     elif problem in ("steps", "stages"):

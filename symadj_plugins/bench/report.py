@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from .methods import METHODS
+from .methods import BUDGET_METHODS, METHODS
 
 STEP_BOOKKEEPING_BYTES = 64  # per-step scalars the trajectory keeps besides the state (see targets())
 
@@ -18,7 +19,9 @@ METHOD_COLOR = {"backprop": "#d62728", "torchdyn-autograd": "#8c564b",
                 "adjoint": "#1f77b4", "adjoint-tight": "#17becf", "adjoint-seminorm": "#393b79",
                 "torchdyn-adjoint": "#9467bd", "torchdyn-interp-adjoint": "#e377c2",
                 "ckpt-step": "#ff7f0e", "ckpt-stage": "#bcbd22",
-                "ours-torchdiffeq": "#2ca02c", "ours-stored-stages": "#00441b", "ours-torchdyn": "#7f7f7f"}
+                "ours-torchdiffeq": "#2ca02c", "ours-min": "#74c476", "ours-max": "#00441b", "ours-torchdyn": "#7f7f7f",
+                # the budget sweep: darker green for a larger budget
+                **dict(zip(BUDGET_METHODS, ("#c7e9c0", "#a1d99b", "#41ab5d", "#238b45", "#005a32")))}
 
 
 def method_style(method: str) -> tuple[str, str, str]:
@@ -118,6 +121,55 @@ def sweep_table(records: list[dict]) -> str:
     return _table(header, rows)
 
 
+def ratio_spread(r: dict, base: dict) -> tuple[float, float, float] | None:
+    """Fwd+bwd time of ``r`` over backprop's (``base``) in the same run: ``(median, min, max)`` over the repeats.
+
+    Repeat ``i`` of ``r`` is paired with repeat ``i`` of backprop (in the ``budget`` problem they ran next to each
+    other, round-robin); without per-repeat times, the ratio of the medians (spread 0)."""
+    if not base or not base.get("total_s"):
+        return None
+    ours = [a + b for a, b in zip(r.get("times_fwd") or [], r.get("times_bwd") or [])]
+    theirs = [a + b for a, b in zip(base.get("times_fwd") or [], base.get("times_bwd") or [])]
+    if not ours or len(ours) != len(theirs):
+        ratio = r["total_s"] / base["total_s"]
+        return ratio, ratio, ratio
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def _spread(x: tuple[float, float, float] | None) -> str:
+    if x is None:
+        return "–"
+    return f"{fmt_ratio(x[0])} ({x[1]:.2f}–{x[2]:.2f})" if x[2] > x[1] else fmt_ratio(x[0])
+
+
+def budget_label(r: dict) -> str:
+    """The memory budget of a method's record: a fraction of backprop's saved bytes (and the bytes), a named
+    budget (``min``, ``max``, ``default``), or ``–`` for the other methods."""
+    if r.get("budget_fraction") is not None:
+        return f"{r['budget_fraction']:g} × backprop = {fmt_bytes(r['budget_bytes'])}"
+    return r.get("budget", "–")
+
+
+def budget_table(records: list[dict]) -> str:
+    """The ``budget`` problem on one case: every method's peak memory and time as ratios to backprop's."""
+    base = _by_method(_ok(records)).get("backprop")
+    header = ["method", "memory budget", "peak memory", "× backprop", "fwd+bwd s", "× backprop (min–max)",
+              "NFE fwd / bwd", "grad error vs backprop"]
+    rows = []
+    for r in records:
+        if r.get("method") == "reference":
+            continue
+        if r.get("status") != "ok":
+            rows.append(_not_ok_row(r, len(header)))
+            continue
+        mem_ratio = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
+        rows.append([f"`{r['method']}`", budget_label(r), fmt_bytes(r["peak_bytes"]), fmt_ratio(mem_ratio),
+                     fmt_s(r.get("total_s")), _spread(ratio_spread(r, base) if "total_s" in r else None),
+                     _pair(r["nfe_fwd"], r["nfe_bwd"]), fmt_err(r.get("grad_err_vs_backprop"))])
+    return _table(header, rows)
+
+
 def pivot_table(records: list[dict], value: str, fmt) -> str:
     """Methods as rows, cases as columns."""
     labels = list(dict.fromkeys(r["label"] for r in records))
@@ -208,12 +260,12 @@ def targets(records: list[dict]) -> list[dict]:
         out.append(_equal_error_target(ours, curve))
 
     steps = [r for r in records if r.get("problem") == "steps"]
-    g = growth_per_step(steps, "ours-torchdiffeq")
+    g = growth_per_step(steps, "ours-min")  # the least memory: one state per step (the default keeps s)
     if g:
         slope, state = g
         # Besides the state, each step keeps its float64 times (t0, t1, dt and the s stage times of rk4):
         # 56 B. The target allows that bookkeeping (64 B), not a second state.
-        out.append(_target("steps", "peak memory grows ≤ one state per step", slope / state, 1.0,
+        out.append(_target("steps", "peak memory grows ≤ one state per step (memory_budget='min')", slope / state, 1.0,
                            slope <= state + STEP_BOOKKEEPING_BYTES,
                            f"{slope:.0f} B/step; one state = {state} B; allowance for the step's float64 times "
                            f"{STEP_BOOKKEEPING_BYTES} B"))
@@ -274,7 +326,8 @@ def markdown(records: list[dict], problems: list[str]) -> str:
         if not recs:
             continue
         parts.append(f"### `{problem}`\n")
-        parts.append(_case_line(recs))
+        if problem != "budget":  # one line per case in its own section
+            parts.append(_case_line(recs))
         if problem == "cnf":
             head = [r for r in recs if r["case"].get("role") == "all"]
             parts.append(method_table(head))
@@ -294,6 +347,8 @@ def markdown(records: list[dict], problems: list[str]) -> str:
                 parts.append(growth_table(recs))
         elif problem == "physics":
             parts.append(physics_table(recs))
+        elif problem == "budget":
+            parts.append(_budget_section(recs))
         bad = [r for r in recs if r.get("status") == "error"]
         for r in bad:
             parts.append(f"\n- `{r['method']}` on {r.get('label', '?')}: error: {r.get('reason')}")
@@ -303,6 +358,18 @@ def markdown(records: list[dict], problems: list[str]) -> str:
         parts.append("### Targets\n")
         parts.append(targets_table(items))
     return "\n".join(parts) + "\n"
+
+
+def _budget_section(records: list[dict]) -> str:
+    parts = []
+    for label in dict.fromkeys(r["label"] for r in records if "label" in r):
+        recs = [r for r in records if r.get("label") == label]
+        saved = next((r["backprop_saved_bytes"] for r in recs if r.get("backprop_saved_bytes")), None)
+        parts.append(f"#### {label}\n")
+        parts.append(_case_line(recs).rstrip("\n") + f" Backprop's saved bytes (the budget's unit): "
+                     f"{fmt_bytes(saved)}.\n")
+        parts.append(budget_table(recs) + "\n")
+    return "\n".join(parts)
 
 
 def _case_line(records: list[dict]) -> str:
@@ -405,6 +472,10 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / "cnf_time_error_memory.png"))
 
+    budget = _ok([r for r in records if r.get("problem") == "budget"])
+    if budget:
+        written.append(_budget_plot(budget, out))
+
     physics = _ok([r for r in records if r.get("problem") == "physics"])
     if physics:
         dtypes = list(dict.fromkeys(r["case"]["dtype"] for r in physics))
@@ -433,6 +504,46 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / "physics_error_tolerance.png"))
     return written
+
+
+def _budget_plot(records: list[dict], out: Path) -> Path:
+    """Time (× backprop, median and min–max over the repeats) against peak memory (log), one panel per case: a
+    marker per method, the budget sweep as one line through its points, each labelled with its budget."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.2 * len(labels), 4.4), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        recs = [r for r in records if r["label"] == label]
+        base = _by_method(recs).get("backprop")
+        points = {}
+        for r in recs:
+            spread = ratio_spread(r, base)
+            if spread is not None:
+                points[r["method"]] = (r["peak_bytes"] / 2 ** 20, *spread)
+        sweep = [m for m in BUDGET_METHODS if m in points]
+        if sweep:
+            ax.plot([points[m][0] for m in sweep], [points[m][1] for m in sweep], "-", color="tab:green", alpha=0.6,
+                    zorder=2, label="memory_budget sweep")
+            for m in sweep:
+                r = _by_method(recs)[m]
+                ax.annotate(f"{r['budget_fraction']:g}×", points[m][:2], fontsize=7, color="tab:green",
+                            textcoords="offset points", xytext=(4, 4))
+        for m, (x, y, lo, hi) in points.items():
+            color, marker, _ = method_style(m)
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt=marker, color=color, ms=9 if m in sweep else 7,
+                        label=None if m in sweep else m, zorder=3, capsize=2,
+                        mec="#00441b" if m in sweep else "white", mew=0.5)
+        ax.set(xscale="log", xlabel="peak memory, forward + backward (MiB, log scale)",
+               ylabel="fwd+bwd time ÷ backprop's (median, min–max)", title=label)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.axhline(1.0, color="gray", lw=0.5, ls=":")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    return _save(fig, out / "budget_time_memory.png")
 
 
 def _memory_and_time_lines(axes, records: list[dict], x_of) -> None:

@@ -7,7 +7,9 @@ Protocol for each method (in the order given, in one process; the CLI starts one
    backprop in the same dtype), the number of function evaluations and of accepted steps;
 2. memory: one forward + backward under :class:`~symadj_plugins.bench.memory.PeakMemory` (peak live tensor
    bytes above what existed before the forward call; ``held`` = live bytes when backward starts);
-3. time: ``repeats`` forward + backward runs, wall time of each phase; the medians are reported.
+3. time: ``repeats`` forward + backward runs, wall time of each phase; the medians are reported. With
+   ``interleave`` (the ``budget`` problem) the methods are timed round-robin after all of them passed steps 1 and 2:
+   repeat ``i`` of each method runs next to repeat ``i`` of backprop, and the per-repeat ratios are reported.
 
 Gradients are taken with ``torch.autograd.grad`` w.r.t. the parameters of the vector field.
 """
@@ -21,6 +23,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,13 +90,27 @@ def measure(setup: Setup, method: str, repeats: int, device: torch.device, refer
     ``backprop_grad``: the gradient of backprop through the same library's solver in the same dtype
     (torchdiffeq ``odeint`` for torchdiffeq-based methods, torchdyn ``autograd`` for torchdyn ones).
     """
+    record, g, once = measure_untimed(setup, method, device, reference, backprop_grad)
+    if once is not None:
+        fwd, bwd = [], []
+        for _ in range(repeats):
+            _timed(once, fwd, bwd)
+        record.update(_timings(fwd, bwd))
+    return record, g
+
+
+def measure_untimed(setup: Setup, method: str, device: torch.device, reference: torch.Tensor | None,
+                    backprop_grad: torch.Tensor | None) -> tuple[dict, torch.Tensor | None, Callable | None]:
+    """Steps 1 and 2 of the protocol (warm-up, memory); returns ``(record, gradient, once)``, where ``once()`` runs one
+    forward + backward and returns ``(forward s, backward s, loss, grads)`` (``None`` when the method failed)."""
     spec = METHODS[method]
     record: dict = {"method": method, "method_label": spec.label, "family": spec.family}
     counter = CountingField(setup.field, setup.adaptive)
     try:
         run = spec.prepare(setup, counter)
     except Unavailable as exc:
-        return dict(record, status="unavailable", reason=str(exc)), None
+        return dict(record, status="unavailable", reason=str(exc)), None, None
+    record.update(getattr(run, "info", {}))  # e.g. the memory budget of an ours-budget-<fraction> method
     params = setup.params()
 
     def once(memory: PeakMemory | None = None):
@@ -117,7 +134,7 @@ def measure(setup: Setup, method: str, repeats: int, device: torch.device, refer
         _, _, loss, grads = once()  # warm-up
     except Exception as exc:  # a failing method is reported as an error, not fatal to the other methods
         return dict(record, status="error", reason=f"{type(exc).__name__}: {exc}".strip()[:500],
-                    traceback=traceback.format_exc(limit=6)), None
+                    traceback=traceback.format_exc(limit=6)), None, None
     g = _flat(grads, params)
     del grads
     record.update(
@@ -138,21 +155,25 @@ def measure(setup: Setup, method: str, repeats: int, device: torch.device, refer
         once(memory)
     record.update(peak_bytes=memory.report.peak_bytes, held_bytes=memory.report.marks.get("backward"),
                   memory_method=memory.report.method)
+    return record, g, once
 
-    fwd, bwd = [], []
-    for _ in range(repeats):
-        gc.collect()
-        f_s, b_s, _, _ = once()
-        fwd.append(f_s)
-        bwd.append(b_s)
+
+def _timed(once: Callable, fwd: list[float], bwd: list[float]) -> None:
+    gc.collect()
+    f_s, b_s, _, _ = once()
+    fwd.append(f_s)
+    bwd.append(b_s)
+
+
+def _timings(fwd: list[float], bwd: list[float]) -> dict:
     totals = [a + b for a, b in zip(fwd, bwd)]
-    record.update(fwd_s=statistics.median(fwd), bwd_s=statistics.median(bwd), total_s=statistics.median(totals),
-                  times_fwd=fwd, times_bwd=bwd, repeats=repeats)
-    return record, g
+    return dict(fwd_s=statistics.median(fwd), bwd_s=statistics.median(bwd), total_s=statistics.median(totals),
+                times_fwd=fwd, times_bwd=bwd, repeats=len(fwd))
 
 
 def run_spec(spec: dict) -> list[dict]:
-    """Runs ``spec = {case, methods, repeats, device, cache_dir, threads}``; returns one record per method."""
+    """Runs ``spec = {case, methods, repeats, device, cache_dir, threads, interleave}``; returns one record per
+    method."""
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec.get("device", "cpu"))
@@ -176,14 +197,21 @@ def run_spec(spec: dict) -> list[dict]:
     base = {"problem": case["problem"], "case": case, "case_key": key, "label": case.get("label", key),
             "state_bytes": setup.state_bytes, "n_params": sum(p.numel() for p in setup.params()),
             "device": str(device), "threads": torch.get_num_threads(), "reference_wall_s": reference_s}
+    interleave = bool(spec.get("interleave"))
+    repeats = int(spec.get("repeats", 3))
+    timers: dict[str, Callable] = {}
     for method in spec["methods"]:
         library = _library(method)
         path = backprop_path(method)
         if library not in backprop_grads and path is not None and path.exists():
             backprop_grads[library] = torch.load(path)
         began = time.perf_counter()
-        record, g = measure(setup, method, int(spec.get("repeats", 3)), device, reference,
-                            backprop_grads.get(library))
+        if interleave:  # timed below, one run of every method per round
+            record, g, once = measure_untimed(setup, method, device, reference, backprop_grads.get(library))
+            if once is not None:
+                timers[method] = once
+        else:
+            record, g = measure(setup, method, repeats, device, reference, backprop_grads.get(library))
         record["measure_wall_s"] = round(time.perf_counter() - began, 2)
         if method == BACKPROP_OF[library] and g is not None:
             backprop_grads[library] = g
@@ -191,6 +219,16 @@ def run_spec(spec: dict) -> list[dict]:
                 torch.save(g, path)
         records.append(dict(base, **record))
         gc.collect()
+    if timers:
+        # Round-robin: repeat i of every method runs close in time to repeat i of backprop, so the ratio of the two
+        # (reported per repeat, report.ratio_spread) is little moved by the load of a shared machine drifting.
+        times = {m: ([], []) for m in timers}
+        for _ in range(repeats):
+            for method, once in timers.items():
+                _timed(once, *times[method])
+        for r in records:
+            if r["method"] in times:
+                r.update(_timings(*times[r["method"]]), timing="interleaved")
     return records
 
 
