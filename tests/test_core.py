@@ -91,7 +91,8 @@ def test_num_stages_and_fsal_are_derived(tableau, stages, fsal):
 def test_fsal_needs_the_last_row_to_equal_the_weights_and_the_last_node_one():
     rows = [[0.5], [0.25, 0.75]]
     assert ButcherTableau.from_rows([0, 0.5, 1], rows, [0.25, 0.75, 0]).fsal
-    assert not ButcherTableau.from_rows([0, 0.5, 0.9], rows, [0.25, 0.75, 0]).fsal      # c_s != 1
+    with pytest.raises(ValueError, match=r"tableau: node c\[2\] = 0.9 is not the sum of row 2 of a"):
+        ButcherTableau.from_rows([0, 0.5, 0.9], rows, [0.25, 0.75, 0])                 # c has one meaning: the nodes
     assert not ButcherTableau.from_rows([0, 0.5, 1], rows, [0.3, 0.7, 0]).fsal          # a_s != b
     assert not ButcherTableau.from_rows([0, 0.5, 1], rows, [0.25, 0.75, 0.1]).fsal      # b_s != 0
 

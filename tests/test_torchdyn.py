@@ -191,7 +191,8 @@ def test_rk4_stages_are_replayed_where_torchdyns_step_evaluates_them():
     solver.step(f, torch.ones(2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
                 torch.tensor(0.5, dtype=torch.float64))
     assert seen == [1.0, 1.0, 1.25, 1.25]
-    assert _internals._tableau_of(solver).c == (0.0, 0.0, 0.5, 0.5)
+    assert _internals._stage_offsets(solver) == (0.0, 0.0, 0.5, 0.5)  # where its step evaluates the stages
+    assert _internals._tableau_of(solver).c == (0.0, 0.5, 0.5, 1.0)  # the nodes: c has one meaning
 
 
 def test_torchdyns_interpolant_is_linear_in_the_stages():

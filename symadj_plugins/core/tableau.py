@@ -4,8 +4,8 @@ A tableau ``(c, A, b)`` with ``s`` stages describes one step from ``(t_n, y_n)``
 
     Y_i = y_n + h Σ_{j<i} a_ij k_j,    k_i = f(T_i, Y_i),    y_{n+1} = y_n + h Σ_i b_i k_i
 
-The stage times ``T_i`` are not always ``t_n + c_i h`` in host libraries (perturbed times, quirks), so
-``c`` is informative here; adapters say where each stage is really evaluated.
+``c`` holds the nodes (``c_i = Σ_j a_ij``). The stage times ``T_i`` are not always ``t_n + c_i h`` in host libraries
+(perturbed times, quirks): adapters say where each stage is really evaluated (``HostSolver.stage_calls``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class ButcherTableau:
     """An explicit Runge–Kutta tableau.
 
     Attributes:
-        c: stage nodes, length ``s``.
+        c: the nodes, length ``s``: ``c_i = Σ_j a_ij`` (validated, to float32 rounding). Where a host library
+            really evaluates each stage (perturbed times, quirks such as torchdyn's RK4) is the adapter's business.
         a: the full ``s x s`` stage matrix as nested tuples; must be strictly lower triangular.
         b: solution weights, length ``s``.
         name: for messages only.
@@ -47,6 +48,9 @@ class ButcherTableau:
             if any(x != 0.0 for x in row[i:]):
                 raise ValueError(f"{self.name}: stage matrix must be strictly lower triangular (explicit RK); "
                                  f"row {i} has entries on or above the diagonal")
+            if abs(self.c[i] - math.fsum(row)) > 1e-6 * max(1.0, abs(self.c[i])):
+                raise ValueError(f"{self.name}: node c[{i}] = {self.c[i]!r} is not the sum of row {i} of a "
+                                 f"({math.fsum(row)!r}); c holds the nodes c_i = sum_j a_ij")
 
     @classmethod
     def from_rows(cls, c: Sequence[float], a_rows: Sequence[Sequence[float]], b: Sequence[float],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def _internals_error(what: str) -> RuntimeError:
 # Tableaux: torchdyn's own, read off the solver object.
 
 def _tableau_of(solver: Any) -> ButcherTableau:
-    """The tableau ``solver.step`` uses, with ``c`` the stage times its step really uses (see package docs).
+    """The tableau ``solver.step`` uses (``c``: the nodes, the row sums of ``a``).
 
     Read from the solver's ``.tableau`` as it is *now* (after ``sync_device_dtype``), so a tableau created in
     float32 and moved to float64 replays with its float32-rounded coefficients, like torchdyn's step does.
@@ -66,11 +67,21 @@ def _tableau_of(solver: Any) -> ButcherTableau:
     cls = type(solver)
     if cls in _HARD_CODED:
         return _HARD_CODED[cls]
-    c, a, b_sol, _ = solver.tableau
-    s = len(b_sol)
-    c_rows = tuple(float(v) for v in c.tolist())
-    stage_times = (0.0, *c_rows[: s - 1])  # stage i >= 2 at t + c[i - 2] * dt
-    return _cached_tableau(cls.__name__, stage_times, tuple(tuple(row.tolist()) for row in a), tuple(b_sol.tolist()))
+    _, a, b_sol, _ = solver.tableau
+    a_rows = tuple(tuple(row.tolist()) for row in a)
+    nodes = (0.0, *(math.fsum(row) for row in a_rows))
+    return _cached_tableau(cls.__name__, nodes, a_rows, tuple(b_sol.tolist()))
+
+
+def _stage_offsets(solver: Any) -> tuple[float, ...]:
+    """Where ``solver.step`` evaluates each stage, as multiples of ``dt`` after ``t``: stage ``i >= 2`` at
+    ``t + c[i - 2] * dt`` with torchdyn's ``c``. For ``RungeKutta4`` that is ``(0, 0, 1/2, 1/2)``, not the nodes
+    ``(0, 1/2, 1/2, 1)``; the replay uses the times recorded from the ``f`` calls, so it follows the step."""
+    cls = type(solver)
+    if cls in _HARD_CODED:
+        return _HARD_CODED[cls].c
+    c, _, b_sol, _ = solver.tableau
+    return (0.0, *(float(v) for v in c.tolist()[: len(b_sol) - 1]))
 
 
 @functools.lru_cache(maxsize=128)
@@ -129,7 +140,7 @@ def _probe_solver(cls: type) -> str | None:
 
         k1 = f(t, x) if adaptive else None
         out = solver.step(f, x, t, dt, k1=k1)
-        tableau = _tableau_of(solver)
+        tableau, offsets = _tableau_of(solver), _stage_offsets(solver)
     except Exception as exc:  # any failure here means the internals changed
         return f"{cls.__name__} cannot be stepped as expected ({type(exc).__name__}: {exc})"
     s = tableau.num_stages
@@ -141,10 +152,10 @@ def _probe_solver(cls: type) -> str | None:
         expected_x = x + dt * torch.einsum("j,j...->...", a[i, :i], k[:i])
         if not torch.allclose(x_i, expected_x, rtol=1e-12, atol=1e-12):
             return f"{cls.__name__}.step's stage {i + 1} input is not given by its tableau"
-        if not torch.allclose(t_i, t + tableau.c[i] * dt, rtol=1e-12, atol=1e-12):
+        if not torch.allclose(t_i, t + offsets[i] * dt, rtol=1e-12, atol=1e-12):
             node = ((t_i - t) / dt).flatten()[0].item()
             return (f"{cls.__name__}.step evaluates stage {i + 1} at t + {node:.4g} dt, "
-                    f"expected t + {tableau.c[i]:.4g} dt")
+                    f"expected t + {offsets[i]:.4g} dt")
     if not isinstance(out, tuple) or len(out) < 2 or not torch.allclose(
             out[1], x + dt * torch.einsum("j,j...->...", b, k), rtol=1e-12, atol=1e-12):
         return f"{cls.__name__}.step's new state (second returned value) is not given by its tableau's weights"
