@@ -16,6 +16,7 @@ from symadj_plugins import SymplecticAdjoint
 from symadj_plugins.bench.saved import SavedTensorBytes
 from symadj_plugins.core.budget import MemoryBudget
 from symadj_plugins.torchdiffeq import odeint_adjoint, odeint_symplectic_adjoint
+from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 LEVELS = ["min", 0, "stages", 30_000, "200KiB", "max", math.inf]
 T = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=torch.float64)  # outputs between steps
@@ -157,7 +158,7 @@ def test_a_second_backward_through_kept_graphs_replays_instead():
 def _budget_seen(solve=odeint_symplectic_adjoint, method="rk4", options=None, **kwargs):
     """The memory budget the torchdiffeq adapter's host solves with, for one call of ``solve``."""
     seen = []
-    original = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
+    original = _TorchdiffeqHost.solve
 
     def spy(self, y, t):
         seen.append(self.memory_budget)
@@ -167,7 +168,7 @@ def _budget_seen(solve=odeint_symplectic_adjoint, method="rk4", options=None, **
     y0 = torch.randn(2, 8, dtype=torch.float64)
     options = dict(step_size=0.5) if options is None and method != "dopri5" else options
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
+        patch.setattr(_TorchdiffeqHost, "solve", spy)
         solve(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), method=method, options=options, **kwargs)
     assert len(seen) == 1
     return seen[0]

@@ -15,6 +15,7 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from symadj_plugins import torchdiffeq as adapter
 from symadj_plugins.inputs import check_times, parameters_requiring_grad
+from symadj_plugins.torchdiffeq.fixed_grid import _FIXED_GRID
 
 
 def test_torchdiffeq_private_names():
@@ -59,8 +60,8 @@ def test_adapter_public_api_it_uses():
 
 def test_importing_compat_leaves_the_adapter_unchanged():
     # The classical RK4 rule travels with each call; the adapter's table of torchdiffeq's solvers is not extended.
-    assert _methods.ClassicalRK4 not in adapter._FIXED_GRID
-    assert all(cls.__module__.startswith("torchdiffeq.") for cls in adapter._FIXED_GRID)
+    assert _methods.ClassicalRK4 not in _FIXED_GRID
+    assert all(cls.__module__.startswith("torchdiffeq.") for cls in _FIXED_GRID)
 
 
 def test_classical_rk4_host_is_a_full_adapter_host():

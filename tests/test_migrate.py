@@ -213,6 +213,7 @@ def test_migrated_values_select_the_symplectic_adjoint(tmp_path, monkeypatch):
     import torchdiffeq
 
     import symadj_plugins.torchdiffeq as symadj_td
+    import symadj_plugins.torchdiffeq.api as symadj_td_api
 
     calls = []
     real = symadj_td.odeint_symplectic_adjoint
@@ -221,7 +222,9 @@ def test_migrated_values_select_the_symplectic_adjoint(tmp_path, monkeypatch):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
+    # The public name, and the module whose odeint_adjoint looks it up.
     monkeypatch.setattr(symadj_td, "odeint_symplectic_adjoint", spy)
+    monkeypatch.setattr(symadj_td_api, "odeint_symplectic_adjoint", spy)
     class Field(torch.nn.Module):
         def __init__(self):
             super().__init__()

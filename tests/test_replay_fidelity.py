@@ -15,8 +15,8 @@ import torch
 import torchdiffeq
 from torch import nn
 
-import symadj_plugins
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 torchdyn = pytest.importorskip("torchdyn")
 from torchdyn.core import NeuralODE  # noqa: E402
@@ -94,7 +94,7 @@ def test_random_numbers_drawn_by_the_field_are_replayed_torchdyn():
 def test_deterministic_field_keeps_no_random_state():
     field = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
     y0 = torch.randn(3, 4, dtype=torch.float64)
-    host_solve = symadj_plugins.torchdiffeq._TorchdiffeqHost.solve
+    host_solve = _TorchdiffeqHost.solve
     seen = []
 
     def spy(self, y, t):
@@ -103,7 +103,7 @@ def test_deterministic_field_keeps_no_random_state():
         return solution, trajectory
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(symadj_plugins.torchdiffeq._TorchdiffeqHost, "solve", spy)
+        patch.setattr(_TorchdiffeqHost, "solve", spy)
         odeint_symplectic_adjoint(lambda t, y: field(y), y0, T, adjoint_params=tuple(field.parameters()),
                                   **FIXED_GRID)
     assert seen == [None]

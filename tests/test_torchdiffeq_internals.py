@@ -20,6 +20,8 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from symadj_plugins import torchdiffeq as adapter
 from symadj_plugins.core import Trajectory
+from symadj_plugins.torchdiffeq import _internals, fixed_grid, recording
+from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 
 def test_private_names_exist():
@@ -34,7 +36,7 @@ def test_private_names_exist():
     for attr in ("_linear_interp", "_cubic_hermite_interp", "_step_func", "integrate"):
         assert hasattr(FixedGridODESolver, attr)
     assert {"alpha", "beta", "c_sol"} <= set(SOLVERS["dopri5"].tableau._fields)
-    for cls in adapter._FIXED_GRID:
+    for cls in fixed_grid._FIXED_GRID:
         assert SOLVERS.get(cls.__name__.lower(), cls) is cls
 
 
@@ -57,7 +59,7 @@ class Recording(torch.nn.Module):
 @pytest.mark.parametrize("perturb", [False, True])
 def test_fixed_grid_rule_matches_torchdiffeq_step(method, perturb):
     cls = SOLVERS[method]
-    rule = adapter._FIXED_GRID[cls]
+    rule = fixed_grid._FIXED_GRID[cls]
     field = Recording(3)
     y0 = torch.randn(3, dtype=torch.float64)
     solver = cls(func=field, y0=y0, perturb=perturb, atol=1e-9)
@@ -67,10 +69,10 @@ def test_fixed_grid_rule_matches_torchdiffeq_step(method, perturb):
 
     s = rule.tableau.num_stages
     assert len(field.calls) == s
-    host = adapter._TorchdiffeqHost(field, method, 1e-7, 1e-9, {"perturb": perturb})
+    host = _TorchdiffeqHost(field, method, 1e-7, 1e-9, {"perturb": perturb})
     host.solver = solver
     traj = Trajectory([y0, y0 + dy], t0.reshape(1), t1.reshape(1), dt.reshape(1), [None], {})
-    traj.host_data = adapter._TorchdiffeqSteps(["initial"], host._stage_times(traj.t0, traj.t1, traj.dt, y0))
+    traj.host_data = recording._TorchdiffeqSteps(["initial"], host._stage_times(traj.t0, traj.t1, traj.dt, y0))
     calls = host.stage_calls(traj, 0)
     a, b = rule.tableau.tensors(torch.float64, "cpu")
     recorded = list(field.calls)
@@ -86,7 +88,7 @@ def test_fixed_grid_rule_matches_torchdiffeq_step(method, perturb):
 @pytest.mark.parametrize("method", [m for m in adapter.supported_methods()
                                     if issubclass(SOLVERS[m], RKAdaptiveStepsizeODESolver)])
 def test_adaptive_tableau_is_torchdiffeqs(method):
-    tab = adapter._adaptive_tableau(SOLVERS[method])
+    tab = _internals._adaptive_tableau(SOLVERS[method])
     host_tab = SOLVERS[method].tableau
     assert tab.c[1:] == tuple(host_tab.alpha.tolist())
     assert tab.b == tuple(host_tab.c_sol.tolist())

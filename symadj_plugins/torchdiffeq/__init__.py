@@ -1,0 +1,46 @@
+"""torchdiffeq adapter: the symplectic adjoint behind torchdiffeq's own solvers.
+
+The forward pass is ``torchdiffeq``'s: its input normalisation (``_check_inputs``: tuple states, reversed
+time, perturbed times, norms, callbacks), its solver classes and tableaux, its step-size controller. We
+only listen to it (the official ``callback_accept_step`` / ``callback_step`` hooks) to record each accepted
+step, and replace the backward pass by the core's exact reverse sweep.
+
+Private torchdiffeq names this package depends on; only ``_internals.py`` imports them, and its
+``_check_torchdiffeq()`` verifies them at ``register()`` (:func:`install`) and raises naming the installed version
+if they differ; each is exercised by ``tests/test_torchdiffeq_internals.py``:
+
+- ``torchdiffeq._impl.odeint.SOLVERS`` and ``torchdiffeq._impl.misc._check_inputs`` / ``_flat_to_shape`` /
+  ``Perturb``: the entry points ``torchdiffeq.odeint`` itself uses.
+- ``torchdiffeq._impl.adjoint.find_parameters``: the default ``adjoint_params``.
+- ``RKAdaptiveStepsizeODESolver``: ``.tableau`` (``alpha``, ``beta``, ``c_sol``), ``.rk_state`` (``y1``, ``f1``,
+  ``t1``) read at accepted steps, ``._interp_fit`` and ``interp._interp_evaluate`` for dense output.
+- ``FixedGridODESolver``: ``.perturb``, ``.interp``, ``._linear_interp``, ``._cubic_hermite_interp``, and the
+  stage times of ``Euler``, ``Midpoint``, ``RK4`` (3/8 rule), ``Heun2``, ``Heun3`` (``_FIXED_GRID`` in
+  ``fixed_grid.py``).
+- Patched by :func:`install` (undone by ``unregister()``): ``torchdiffeq.odeint_adjoint`` (public); the
+  ``_check_inputs`` that ``torchdiffeq._impl.odeint.odeint`` and ``torchdiffeq._impl.adjoint.odeint_adjoint`` call,
+  to refuse ``method="symplectic"`` with an explanation; ``torchdiffeq._impl.adjoint.odeint``, the solve of
+  torchdiffeq's own adjoint backward pass, to explain ``adjoint_method="symplectic"`` reaching it.
+
+One module per job, so that a torchdiffeq upgrade lands in one of them:
+
+- ``_internals.py``: every import of torchdiffeq's private names, the adaptive solvers' tableau layout
+  (``_adaptive_tableau``), and the check of the names above (``_check_torchdiffeq``);
+- ``fixed_grid.py``: :class:`FixedGridRule` and the rules of torchdiffeq's fixed-grid solvers (tableau, stage
+  times, perturbation flags);
+- ``recording.py``: the recorder that stands between torchdiffeq's solver and ``func`` and keeps the accepted steps;
+- ``host.py``: ``_TorchdiffeqHost``, one solve as the core's ``HostSolver`` (solve, then the replay);
+- ``events.py``: event mode (``event_fn``): its input checks, fixed-grid step recording, the ``t[0]`` gradient;
+- ``api.py``: :func:`odeint_symplectic_adjoint`, :func:`odeint_adjoint`, :func:`torchdiffeq_host`,
+  :func:`supported_methods` and the resolution of their arguments;
+- ``registration.py``: :func:`install`, what ``symadj_plugins.register()`` patches in torchdiffeq.
+"""
+
+from __future__ import annotations
+
+from .api import SYMPLECTIC, odeint_adjoint, odeint_symplectic_adjoint, supported_methods, torchdiffeq_host
+from .fixed_grid import FixedGridRule
+from .registration import install
+
+__all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC", "FixedGridRule",
+           "torchdiffeq_host", "install"]

@@ -1,0 +1,99 @@
+"""Every private torchdiffeq name this adapter uses, in one place: the imports from ``torchdiffeq._impl``, the
+adaptive solvers' tableau layout (``_adaptive_tableau``), and the check (at ``register()``) that the installed
+torchdiffeq still has what the package docstring (:mod:`symadj_plugins.torchdiffeq`) lists. A torchdiffeq upgrade
+that changes one of these lands here.
+
+The other modules of the adapter import torchdiffeq's private names from here, never from ``torchdiffeq._impl``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+
+from torchdiffeq._impl import fixed_grid as _fixed_grid
+from torchdiffeq._impl.adjoint import find_parameters
+from torchdiffeq._impl.interp import _interp_evaluate
+from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+
+from ..core import ButcherTableau
+
+__all__ = ["SOLVERS", "Perturb", "RKAdaptiveStepsizeODESolver", "TESTED_VERSIONS", "_adaptive_tableau",
+           "_check_inputs", "_check_torchdiffeq", "_fixed_grid", "_flat_to_shape", "_interp_evaluate", "_modules",
+           "find_parameters"]
+
+TESTED_VERSIONS = "0.2.4 and 0.2.5"
+
+
+@functools.cache
+def _adaptive_tableau(solver_cls: type) -> ButcherTableau:
+    """The tableau of a torchdiffeq adaptive RK solver class: ``c = (0, *alpha)``, ``A`` from ``beta``,
+    ``b = c_sol``."""
+    tab = solver_cls.tableau
+    return ButcherTableau.from_rows([0.0, *tab.alpha.tolist()], [row.tolist() for row in tab.beta],
+                                    tab.c_sol.tolist(), name=solver_cls.__name__)
+
+
+def _modules():
+    """``(torchdiffeq._impl.odeint, torchdiffeq._impl.adjoint)``, the modules whose names :func:`install` patches."""
+    # sys.modules: torchdiffeq._impl re-exports the *function* odeint under the submodule's name.
+    return sys.modules["torchdiffeq._impl.odeint"], sys.modules["torchdiffeq._impl.adjoint"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checking torchdiffeq's internals (at register()).
+
+def _check_torchdiffeq() -> list[str]:
+    """What differs from the torchdiffeq this adapter was written for (empty if nothing): the private names of the
+    package docstring, by presence and, for the ones :func:`install` wraps, by signature."""
+    return [*_check_wrapped(), *_check_misc(), *_check_solvers()]
+
+
+def _check_wrapped() -> list[str]:
+    """The names :func:`install` wraps: present, with the parameters the wrappers pass on."""
+    found: list[str] = []
+    odeint_module, adjoint_module = _modules()
+    for module in (odeint_module, adjoint_module):
+        fn = getattr(module, "_check_inputs", None)
+        if fn is None or _parameter_names(fn)[:6] != ["func", "y0", "t", "rtol", "atol", "method"]:
+            found.append(f"{module.__name__}._check_inputs is missing or does not take (func, y0, t, rtol, atol, "
+                         "method, ...)")
+    if not callable(getattr(adjoint_module, "odeint", None)) or "method" not in _parameter_names(adjoint_module.odeint):
+        found.append(f"{adjoint_module.__name__}.odeint is missing or has no method parameter")
+    return found
+
+
+def _check_misc() -> list[str]:
+    """``torchdiffeq._impl.misc``: input normalisation and the accepted-step callback."""
+    from torchdiffeq._impl import misc
+
+    found = [f"torchdiffeq._impl.misc.{name} is missing"
+             for name in ("_check_inputs", "_flat_to_shape", "Perturb", "_PerturbFunc") if not hasattr(misc, name)]
+    if "callback_accept_step" not in getattr(misc, "_all_callback_names", ()):
+        found.append("func.callback_accept_step is not a torchdiffeq callback (added in torchdiffeq 0.2.4)")
+    return found
+
+
+def _check_solvers() -> list[str]:
+    """The solver classes: the adaptive ones' tableau and methods, the fixed-grid ones' methods and names."""
+    from .fixed_grid import _FIXED_GRID  # here, not at the top: fixed_grid imports this module
+
+    found = [f"RKAdaptiveStepsizeODESolver.{attr} is missing"
+             for attr in ("_interp_fit", "_adaptive_step", "_before_integrate")
+             if not hasattr(RKAdaptiveStepsizeODESolver, attr)]
+    if not {"alpha", "beta", "c_sol"} <= set(getattr(getattr(SOLVERS.get("dopri5"), "tableau", None), "_fields", ())):
+        found.append("the dopri5 solver's tableau has no alpha, beta, c_sol")
+    found += [f"FixedGridODESolver.{attr} is missing"
+              for attr in ("_linear_interp", "_cubic_hermite_interp", "_step_func", "integrate")
+              if not hasattr(_fixed_grid.FixedGridODESolver, attr)]
+    found += [f"torchdiffeq's solver name {cls.__name__.lower()!r} no longer means {cls.__name__}"
+              for cls in _FIXED_GRID if SOLVERS.get(cls.__name__.lower(), cls) is not cls]
+    return found
+
+
+def _parameter_names(fn: Callable) -> list[str]:
+    return list(inspect.signature(fn).parameters)
