@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,9 @@ def train(rank: int, args: argparse.Namespace, port: int) -> None:
         optimizer.zero_grad()
         loss.backward()  # DDP averages the gradients over the ranks here
         optimizer.step()
-        print(f"rank {rank} step {step} loss {loss.item():.6f}", flush=True)
+        # One write per record (the ranks share stdout): print() writes the text and the newline separately.
+        sys.stdout.write(f"rank {rank} step {step} loss {loss.item():.6f}\n")
+        sys.stdout.flush()
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(args.processes)]
