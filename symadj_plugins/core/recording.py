@@ -64,6 +64,9 @@ class StageKeeper:
         self._rng: list[RngState | None] = []
         self._graphs: list[KeptGraph] = []
         self._building = False
+        self._measured_count = 0  # evaluations whose graph bytes were measured
+        self._largest_measured = 0  # the largest of them
+        self._largest_stage_bytes: int | None = None  # set once a full step's worth has been measured
 
     # -- an attempt -------------------------------------------------------------------------------------------
     def begin_attempt(self, first: FirstStage | None) -> None:
@@ -93,10 +96,9 @@ class StageKeeper:
             self._graphs.append(KeptGraph(leaf, out, 0))
         else:
             leaf = y.detach().requires_grad_(True)
-            with torch.enable_grad(), measure_saved_bytes([*self.params, leaf]) as meter:
-                out, rng = self.randomness.call(fn, t, leaf, **kwargs)
+            out, rng, nbytes = self._evaluate_measured(fn, t, leaf, **kwargs)
             value = out.detach()
-            self._graphs.append(KeptGraph(leaf, out, meter.bytes))
+            self._graphs.append(KeptGraph(leaf, out, nbytes))
             built = sum(g.nbytes for g in self._graphs)
             if not (out.requires_grad and self.ledger.graphs_fit(built)):
                 # Does not fit (or f depends on neither y nor θ): estimate the step's graphs for the next attempts.
@@ -105,6 +107,22 @@ class StageKeeper:
         self._rng.append(rng)
         self.drew_random_numbers |= rng is not None
         return value
+
+    def _evaluate_measured(self, fn, t, leaf, **kwargs) -> tuple[torch.Tensor, RngState | None, int]:
+        """``fn(t, leaf)`` with grad, and the bytes its graph saves. Measuring costs a Python call per saved tensor, so
+        after the first full step only each attempt's first evaluation is measured; the others, evaluations of the same
+        network on inputs of the same shape, are counted at the largest size measured so far."""
+        if self._largest_stage_bytes is not None and self._graphs:
+            with torch.enable_grad():
+                out, rng = self.randomness.call(fn, t, leaf, **kwargs)
+            return out, rng, self._largest_stage_bytes
+        with torch.enable_grad(), measure_saved_bytes([*self.params, leaf]) as meter:
+            out, rng = self.randomness.call(fn, t, leaf, **kwargs)
+        self._measured_count += 1
+        self._largest_measured = max(self._largest_measured, meter.bytes)
+        if self._measured_count >= self.num_stages:  # a full step measured: from now on one evaluation per attempt
+            self._largest_stage_bytes = self._largest_measured
+        return out, rng, self._largest_measured
 
     def finish_attempt(self, accepted: bool) -> None:
         """The attempt ended: an accepted step keeps what fits in the budget; a rejected one frees what it built."""
