@@ -212,8 +212,7 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         first_is_carried = calls[0] is None
         outputs = trajectory.outputs_in_step.get(n, ())
 
-        # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages. Dense output is
-        # linear in the stages, so its VJP needs no stage values, and it tells which stages it touches.
+        # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages.
         extra_kappa: list[torch.Tensor | None] = [None] * s
         extra_kappa[-1] = carry_cotangent
         grad_y0_from_outputs = None
@@ -223,10 +222,8 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
             g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, hooked,
                                                 grad_params, evaluate)
             lam = lam + g_y1
-            grad_y0_from_outputs = g_y0 if grad_y0_from_outputs is None else grad_y0_from_outputs + g_y0
-            for i, g in enumerate(g_k):
-                if g is not None:
-                    extra_kappa[i] = g if extra_kappa[i] is None else extra_kappa[i] + g
+            grad_y0_from_outputs = _add(grad_y0_from_outputs, g_y0)
+            extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
 
         plan = tableau.backward_plan(tuple(e is not None for e in extra_kappa))
         inputs = trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
@@ -265,14 +262,24 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         if grad_y0_from_outputs is not None:
             lam = lam + grad_y0_from_outputs
 
-    for graphs in trajectory.stage_graphs or ():  # any left (a shared stage not differentiated twice): freed now
-        for graph in graphs or ():
-            if graph is not None:
-                graph.drop()
+    _drop_graphs(trajectory)
     check.raise_if_failed(replay.buffers.suspects if replay is not None else ())
     lam_without_output0 = lam.view(shape)
     grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
     return grad_y0, grad_params, lam_without_output0
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor | None:
+    """``total + term``, where ``None`` stands for zero."""
+    return term if total is None else total if term is None else total + term
+
+
+def _drop_graphs(trajectory: Trajectory) -> None:
+    """Frees the graphs the backward pass left (a shared first-same-as-last stage not differentiated twice)."""
+    for graphs in trajectory.stage_graphs or ():
+        for graph in graphs or ():
+            if graph is not None:
+                graph.drop()
 
 
 class _Evaluator:
