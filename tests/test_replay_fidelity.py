@@ -347,3 +347,18 @@ def test_torch_func_transforms_and_forward_mode_get_a_clear_error():
         dual = torch.autograd.forward_ad.make_dual(y0, torch.ones_like(y0))
         with pytest.raises(NotImplementedError, match="forward-mode"):
             final_sum(dual)
+
+
+class LateNoiseField(MLPField):
+    """Deterministic during the first step, random afterwards: its late random numbers cannot be replayed."""
+
+    def forward(self, t, y, args=None):
+        out = super().forward(t, y)
+        return out + 0.01 * torch.randn_like(out) if float(t) > 0.5 else out
+
+
+def test_random_numbers_first_drawn_after_the_first_step_are_refused():
+    field = LateNoiseField().double()
+    y0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="after a first step that drew none"):
+        odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID)

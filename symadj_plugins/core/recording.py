@@ -136,6 +136,7 @@ class StageKeeper:
         inputs = ([first.value_input] if first is not None else []) + self._inputs
         rng = ([first.rng] if first is not None else []) + self._rng
         self.stage_rng.append(rng)
+        self.randomness.settle()  # a whole step evaluated: stop watching each evaluation if none drew
         kept_inputs = self.keeps_inputs and len(inputs) == self.num_stages and self.ledger.keep_stage_inputs()
         self.stage_inputs.append(inputs if kept_inputs else None)
         graphs = None
@@ -170,6 +171,7 @@ class StageKeeper:
     def results(self) -> tuple[list | None, list | None, list | None]:
         """``(stage_inputs, stage_graphs, stage_rng)`` for the :class:`~symadj_plugins.core.trajectory.Trajectory`,
         each ``None`` where no step kept anything of that kind."""
+        self.randomness.verify()
         inputs = self.stage_inputs if any(x is not None for x in self.stage_inputs) else None
         graphs = self.stage_graphs if any(g is not None for g in self.stage_graphs) else None
         rng = self.stage_rng if self.drew_random_numbers else None

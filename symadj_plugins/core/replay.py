@@ -87,17 +87,40 @@ class RandomnessWatch:
     """Runs forward evaluations of ``f`` and tells which ones drew random numbers.
 
     ``call`` returns ``f``'s value and the :class:`RngState` the evaluation started from if it changed the
-    generators (``None`` otherwise: a deterministic field holds nothing).
+    generators (``None`` otherwise: a deterministic field holds nothing). Reading the generator twice per evaluation
+    costs as much as a small network's evaluation, so once a whole step has drawn nothing (:meth:`settle`), the
+    evaluations are no longer watched one by one; :meth:`verify` then checks, after the solve, that the generators
+    have not moved since, and refuses the solve if they have (its random numbers could not be replayed).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.drew = False
+        self._unwatched_since: RngState | None = None
 
     def call(self, fn: Callable[..., torch.Tensor], *args, **kwargs) -> tuple[torch.Tensor, RngState | None]:
+        if self._unwatched_since is not None:
+            return fn(*args, **kwargs), None
         before = RngState.capture(self.device)
         out = fn(*args, **kwargs)
-        after = RngState.capture(self.device)
-        return out, (None if before.same_as(after) else before)
+        if before.same_as(RngState.capture(self.device)):
+            return out, None
+        self.drew = True
+        return out, before
+
+    def settle(self) -> None:
+        """A whole step was evaluated: if nothing drew random numbers, stop watching each evaluation."""
+        if not self.drew and self._unwatched_since is None:
+            self._unwatched_since = RngState.capture(self.device)
+
+    def verify(self) -> None:
+        """After the solve: raises if random numbers were drawn while evaluations were not watched."""
+        if self._unwatched_since is not None and not self._unwatched_since.same_as(RngState.capture(self.device)):
+            raise ValueError(
+                "random numbers were drawn during the solve after a first step that drew none (by the vector field, "
+                "or by a callback): the symplectic adjoint replays each evaluation of f with the random numbers it "
+                "drew, and could not record these. Draw them in every evaluation (as Dropout does), draw them outside "
+                "the solve, or use backprop (torchdiffeq.odeint / sensitivity='autograd').")
 
 
 # --------------------------------------------------------------------------------------------------------
