@@ -188,7 +188,7 @@ def measure_saved_bytes(exclude: Iterable[torch.Tensor]) -> Iterator[SavedBytesM
     hands each one on to them.
     """
     meter = SavedBytesMeter(exclude)
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer = _active_saved_tensors_hooks()
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
     def pack(tensor: torch.Tensor):
@@ -202,3 +202,14 @@ def measure_saved_bytes(exclude: Iterable[torch.Tensor]) -> Iterator[SavedBytesM
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield meter
+
+
+def _active_saved_tensors_hooks():
+    """The ``(pack, unpack)`` saved-tensor hooks active here, or ``None`` (also where torch cannot say)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    try:
+        return top(False)
+    except TypeError:  # older signature, without the tracing flag
+        return top()
