@@ -167,28 +167,28 @@ def _hooked_gradients(solve, field, y0):
     return grads, [c.calls for c in counters]
 
 
-def test_parameter_hooks_fire_once_on_the_total_gradient_torchdiffeq():
-    torch.manual_seed(2)
-    field = MLPField().double()
-    y0 = torch.randn(8, 4, dtype=torch.float64)
-    ours, ours_calls = _hooked_gradients(lambda f, y: odeint_symplectic_adjoint(f, y, T, **ADAPTIVE), field, y0)
-    ref, ref_calls = _hooked_gradients(lambda f, y: torchdiffeq.odeint(f, y, T, **ADAPTIVE), field, y0)
-    assert ours_calls == [1] * len(ref) and ref_calls == [1] * len(ref)
-    assert _relative_error(ours, ref) < 1e-10
-
-
-def test_parameter_hooks_fire_once_on_the_total_gradient_torchdyn():
-    torch.manual_seed(2)
-    field = MLPField().double()
-    y0 = torch.randn(8, 4, dtype=torch.float64)
+def _ours_and_backprop(adapter):
+    """``(ours, backprop)`` as ``solve(field, y)`` for one adapter: torchdiffeq (dopri5, first step fixed) or torchdyn
+    (rk4 over 8 steps)."""
+    if adapter == "torchdiffeq":
+        return (lambda f, y: odeint_symplectic_adjoint(f, y, T, **ADAPTIVE),
+                lambda f, y: torchdiffeq.odeint(f, y, T, **ADAPTIVE))
     t_span = torch.linspace(0, 1, 9, dtype=torch.float64)
 
     def solve(sensitivity):
-        model = NeuralODE(field, solver="rk4", sensitivity=sensitivity, return_t_eval=False)
-        return lambda f, y: model(y, t_span)
+        return lambda f, y: NeuralODE(f, solver="rk4", sensitivity=sensitivity, return_t_eval=False)(y, t_span)
 
-    ours, ours_calls = _hooked_gradients(solve("symplectic_adjoint"), field, y0)
-    ref, ref_calls = _hooked_gradients(solve("autograd"), field, y0)
+    return solve("symplectic_adjoint"), solve("autograd")
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+def test_parameter_hooks_fire_once_on_the_total_gradient(adapter):
+    torch.manual_seed(2)
+    field = MLPField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    solve_ours, solve_backprop = _ours_and_backprop(adapter)
+    ours, ours_calls = _hooked_gradients(solve_ours, field, y0)
+    ref, ref_calls = _hooked_gradients(solve_backprop, field, y0)
     assert ours_calls == [1] * len(ref) and ref_calls == [1] * len(ref)
     assert _relative_error(ours, ref) < 1e-10
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -114,7 +114,6 @@ class _Replay:
 
     autocast: AutocastState
     buffers: BufferGuard
-    params: tuple[torch.Tensor, ...] = field(default_factory=tuple)
 
 
 class _SymplecticAdjointFunction(torch.autograd.Function):
@@ -147,7 +146,6 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
         trajectory = Trajectory.unpack(rest, ctx.structure)
         host: HostSolver = ctx.host
         replay: _Replay = ctx.replay
-        replay.params = params
         cotangents = _per_slot(grad_output, ctx.slots, len(t))
 
         with replay.buffers.restoring():
@@ -289,7 +287,6 @@ class _Evaluator:
     def __init__(self, host: HostSolver, trajectory: Trajectory, replay: _Replay | None, shape: torch.Size):
         self.host, self.trajectory, self.shape = host, trajectory, shape
         self.autocast = replay.autocast.entered if replay is not None and replay.autocast.needs_entering() else None
-        self.params = replay.params if replay is not None else ()
 
     def __call__(self, n: int | None, i: int | None, call: StageCall, y: torch.Tensor) -> torch.Tensor:
         """``f`` at stage ``i`` of step ``n`` (``n = None``: not a stage, e.g. a dense-output evaluation)."""

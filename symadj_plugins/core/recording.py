@@ -56,7 +56,6 @@ class StageKeeper:
         self.stage_rng: list[list[RngState | None]] = []
         self.stage_inputs: list[list[torch.Tensor] | None] = []
         self.stage_graphs: list[list[KeptGraph | None] | None] = []
-        self.drew_random_numbers = False
         self._in_attempt = False
         self._first: FirstStage | None = None
         self._calls_left = 0
@@ -67,6 +66,11 @@ class StageKeeper:
         self._measured_count = 0  # evaluations whose graph bytes were measured
         self._largest_measured = 0  # the largest of them
         self._largest_stage_bytes: int | None = None  # set once a full step's worth has been measured
+
+    @property
+    def drew_random_numbers(self) -> bool:
+        """Whether any evaluation watched so far (stage or not) drew random numbers."""
+        return self.randomness.drew
 
     # -- an attempt -------------------------------------------------------------------------------------------
     def begin_attempt(self, first: FirstStage | None) -> None:
@@ -105,7 +109,6 @@ class StageKeeper:
                 self.ledger.step_graph_bytes = built * self.num_stages // len(self._graphs)
                 self._stop_building()
         self._rng.append(rng)
-        self.drew_random_numbers |= rng is not None
         return value
 
     def _evaluate_measured(self, fn, t, leaf, **kwargs) -> tuple[torch.Tensor, RngState | None, int]:

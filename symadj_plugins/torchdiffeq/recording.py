@@ -57,7 +57,6 @@ class _TorchdiffeqStepRecorder:
             out = self.keeper.evaluate(self.func, t, y, perturb=perturb)
         else:  # not a stage: f(t_0, y_0), the initial step's probe, f after a jump, cubic interpolation
             out, rng = self.keeper.randomness.call(self.func, t, y, perturb=perturb)
-            self.keeper.drew_random_numbers |= rng is not None
             if self._num_calls == 0:
                 self._first_rng = rng
             if perturb is Perturb.NEXT:
