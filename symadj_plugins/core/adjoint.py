@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._engine import vjp
 from .budget import KeptGraph
 from .replay import AutocastState, BufferGuard, ReplayCheck, hooks_suspended
 from .tableau import ButcherTableau, StagePlan
@@ -183,88 +184,109 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
     Raises:
         RuntimeError: when a replayed step does not reproduce the forward pass's end state (see ``ReplayCheck``).
     """
-    tableau = host.tableau
-    s = tableau.num_stages
-    y_init = trajectory.states[0]
-    shape, dtype, device = y_init.shape, y_init.dtype, y_init.device
-    numel = y_init.numel()
-    params = tuple(params)
-    evaluate = _Evaluator(host, trajectory, replay, shape)
-
-    lam = torch.zeros(numel, dtype=dtype, device=device)
-    grad_params = [torch.zeros_like(p) for p in params]
-    stage_values = torch.zeros(s, numel, dtype=dtype, device=device)   # k_i, replayed
-    stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i
-    mu = torch.zeros(s, numel, dtype=dtype, device=device)             # ∂L/∂Y_i
-    carry_cotangent = None  # cotangent of the next step's first stage, when the host carried it from here
-    check = ReplayCheck(s, trajectory.num_steps, dtype, device)
-    checked = host.checked_entries
-    coefficients = _step_coefficients(host, trajectory, dtype, device)
-    # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
-    hooked = tuple(p for p in params if p._backward_hooks)
-
+    sweep = _Sweep(host, trajectory, t, cotangents, params, replay)
     for n in reversed(range(trajectory.num_steps)):
-        y0 = trajectory.states[n].reshape(-1)
-        ha, hb = coefficients(n)
-        calls = host.stage_calls(trajectory, n)
-        first_is_carried = calls[0] is None
-        outputs = trajectory.outputs_in_step.get(n, ())
+        sweep.reverse_step(n)
+    _drop_graphs(trajectory)
+    sweep.check.raise_if_failed(replay.buffers.suspects if replay is not None else ())
+    shape = trajectory.states[0].shape
+    lam_without_output0 = sweep.lam.clone().view(shape)
+    grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
+    return grad_y0, sweep.grad_params, lam_without_output0
 
-        # Outputs between t_n and t_{n+1}: their cotangents enter y_n, y_{n+1} and the stages.
-        extra_kappa: list[torch.Tensor | None] = [None] * s
-        extra_kappa[-1] = carry_cotangent
-        grad_y0_from_outputs = None
-        for j in outputs:
-            if cotangents[j] is None:
-                continue
-            g_y0, g_y1, g_k = _dense_output_vjp(host, trajectory, n, s, t[j], cotangents[j], params, hooked,
-                                                grad_params, evaluate)
-            lam = lam + g_y1
-            grad_y0_from_outputs = _add(grad_y0_from_outputs, g_y0)
-            extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
 
-        plan = tableau.backward_plan(tuple(e is not None for e in extra_kappa))
-        inputs = trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
+class _Sweep:
+    """The reverse sweep's working state, reused by every step (no allocation per stage).
+
+    ``adjoints`` is ``(s + 1, numel)``: rows ``0..s-1`` hold ``μ_i = ∂L/∂Y_i`` of the step under way, row ``s`` holds
+    ``λ``. With ``weights_n = [h·A; h·b]`` (``(s + 1, s)``), stage ``i``'s cotangent
+    ``κ_i = h (b_i λ + Σ_{j>i} a_ji μ_j)`` is then one matrix–vector product, ``adjoints.T @ weights_n[:, i]`` (the
+    rows ``j ≤ i`` of ``μ`` are still zero, and ``a_ji = 0`` there anyway), and ``λ_n = λ_{n+1} + Σ_i μ_i`` is the
+    sum of the rows.
+    """
+
+    def __init__(self, host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
+                 cotangents: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor], replay: _Replay | None):
+        self.host, self.trajectory, self.t, self.cotangents = host, trajectory, t, cotangents
+        self.tableau = host.tableau
+        s = self.tableau.num_stages
+        y_init = trajectory.states[0]
+        numel, dtype, device = y_init.numel(), y_init.dtype, y_init.device
+        self.params = tuple(params)
+        self.evaluate = _Evaluator(host, trajectory, replay, y_init.shape)
+        self.adjoints = torch.zeros(s + 1, numel, dtype=dtype, device=device)
+        self.adjoints_t = self.adjoints.T
+        self.mu, self.lam = self.adjoints[:s], self.adjoints[s]
+        self.grad_params = [torch.zeros_like(p) for p in self.params]
+        self.stage_values = torch.zeros(s, numel, dtype=dtype, device=device)   # k_i, replayed
+        self.stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i
+        self.carry_cotangent: torch.Tensor | None = None  # of the next step's first stage, carried from this one
+        self.check = ReplayCheck(s, trajectory.num_steps, dtype, device)
+        self.checked = host.checked_entries
+        self.coefficients = _step_coefficients(host, trajectory, dtype, device)
+        # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
+        self.hooked = tuple(p for p in self.params if p._backward_hooks)
+
+    def reverse_step(self, n: int) -> None:
+        """``λ_{n+1} → λ_n`` over step ``n``, adding the step's parameter gradient into ``grad_params``."""
+        s = self.tableau.num_stages
+        y0 = self.trajectory.states[n].reshape(-1)
+        ha, hb, weights = self.coefficients(n)
+        calls = self.host.stage_calls(self.trajectory, n)
+        extra_kappa, grad_y0_from_outputs = self._outputs_in_step(n)
+        plan = self.tableau.backward_plan(tuple(e is not None for e in extra_kappa))
+        inputs = self.trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
         if inputs is None:
-            inputs = _recompute_stage_inputs(evaluate, n, calls, y0, ha, plan, trajectory.carried[n], stage_values,
-                                             stage_inputs)
-        graphs = trajectory.graphs_of(n)
+            inputs = _recompute_stage_inputs(self.evaluate, n, calls, y0, ha, plan, self.trajectory.carried[n],
+                                             self.stage_values, self.stage_inputs)
+        graphs = self.trajectory.graphs_of(n)
 
         # The reverse stage sweep.
-        mu.zero_()
-        carry_cotangent = None
+        self.carry_cotangent = None
         replayed_only = True  # a step with kept graphs has the forward's own stage values: nothing to check
         for i in reversed(range(s)):
             if not plan.vjp[i]:
                 continue
-            kappa = hb[i] * lam
-            if i + 1 < s:
-                kappa = torch.addmv(kappa, mu[i + 1:].T, ha[i + 1:, i])
+            kappa = torch.mv(self.adjoints_t, weights[:, i])
             if extra_kappa[i] is not None:
-                kappa = kappa + extra_kappa[i]
-            if i == 0 and first_is_carried:
-                carry_cotangent = kappa
-                stage_values[0].copy_(trajectory.carried[n].reshape(-1))
+                kappa += extra_kappa[i]
+            if i == 0 and calls[0] is None:  # carried in from the previous step: its cotangent goes there
+                self.carry_cotangent = kappa
+                self.stage_values[0].copy_(self.trajectory.carried[n].reshape(-1))
                 continue
             graph = graphs[i] if graphs is not None else None
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
-                mu[i] = _graph_vjp(graph, kappa, params, hooked, grad_params)
+                self.mu[i] = _graph_vjp(graph, kappa, self.params, self.hooked, self.grad_params)
                 replayed_only = False
             else:
-                mu[i] = _vjp(evaluate, n, i, calls[i], inputs[i], kappa, params, hooked, grad_params,
-                             stage_values[i])
+                self.mu[i] = _vjp(self.evaluate, n, i, calls[i], inputs[i], kappa, self.params, self.hooked,
+                                  self.grad_params, self.stage_values[i])
         if replayed_only:
-            check.add_step(n, y0[checked], trajectory.states[n + 1].reshape(-1)[checked], hb,
-                           stage_values[:, checked])
-        lam = lam + mu.sum(0)
+            self.check.add_step(n, y0[self.checked], self.trajectory.states[n + 1].reshape(-1)[self.checked], hb,
+                                self.stage_values[:, self.checked])
+        lam = self.adjoints.sum(0)
         if grad_y0_from_outputs is not None:
-            lam = lam + grad_y0_from_outputs
+            lam += grad_y0_from_outputs
+        self.mu.zero_()
+        self.lam.copy_(lam)
 
-    _drop_graphs(trajectory)
-    check.raise_if_failed(replay.buffers.suspects if replay is not None else ())
-    lam_without_output0 = lam.view(shape)
-    grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
-    return grad_y0, grad_params, lam_without_output0
+    def _outputs_in_step(self, n: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """The outputs produced between ``t_n`` and ``t_{n+1}``: their cotangents enter ``λ`` (through ``y_{n+1}``,
+        added here), and are returned as the extra stage cotangents (with the one carried into the next step) and the
+        extra cotangent of ``y_n``."""
+        s = self.tableau.num_stages
+        extra_kappa: list[torch.Tensor | None] = [None] * s
+        extra_kappa[-1] = self.carry_cotangent
+        grad_y0 = None
+        for j in self.trajectory.outputs_in_step.get(n, ()):
+            if self.cotangents[j] is None:
+                continue
+            g_y0, g_y1, g_k = _dense_output_vjp(self.host, self.trajectory, n, s, self.t[j], self.cotangents[j],
+                                                self.params, self.hooked, self.grad_params, self.evaluate)
+            self.lam += g_y1
+            grad_y0 = _add(grad_y0, g_y0)
+            extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
+        return extra_kappa, grad_y0
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor | None:
@@ -334,7 +356,7 @@ def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor,
         if not out.requires_grad:  # f ignores both y and θ
             return torch.zeros_like(value)
         with hooks_suspended(hooked):
-            grads = torch.autograd.grad(out, (y, *params), cotangent.view(evaluate.shape), allow_unused=True)
+            grads = vjp((out,), (cotangent.view(evaluate.shape),), (y, *params))
     _accumulate(grad_params, grads[1:])
     return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
 
@@ -345,8 +367,8 @@ def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Te
     ``grad_params``. The graph is freed after its last use."""
     graph.uses -= 1
     with hooks_suspended(hooked):
-        grads = torch.autograd.grad([graph.output], (graph.leaf, *params), [cotangent.view(graph.shape)],
-                                    allow_unused=True, retain_graph=graph.uses > 0)
+        grads = vjp((graph.output,), (cotangent.view(graph.shape),), (graph.leaf, *params),
+                    retain_graph=graph.uses > 0)
     if graph.uses <= 0:
         graph.drop()
     _accumulate(grad_params, grads[1:])
@@ -364,7 +386,7 @@ def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stag
         k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
     with hooks_suspended(hooked):
-        grads = torch.autograd.grad(out, (y0, y1, *k, *params), cotangent, allow_unused=True)
+        grads = vjp((out,), (cotangent,), (y0, y1, *k, *params))
     g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
     g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
     _accumulate(grad_params, grads[2 + len(k):])
@@ -378,13 +400,18 @@ def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
 
 
 def _step_coefficients(host: HostSolver, trajectory: Trajectory, dtype: torch.dtype, device: torch.device):
-    """``n -> (h·A, h·b)`` for every step: the host's own, or (by default) all steps' at once, indexed per step."""
+    """``n -> (h·A, h·b, [h·A; h·b])`` for every step (shapes ``(s, s)``, ``(s,)``, ``(s + 1, s)``): the host's own,
+    or (by default) all steps' at once, indexed per step."""
     if type(host).step_coefficients is not HostSolver.step_coefficients:
-        return lambda n: host.step_coefficients(trajectory, n)
+        def per_step(n):
+            ha, hb = host.step_coefficients(trajectory, n)
+            return ha, hb, torch.cat((ha, hb[None]))
+        return per_step
     a, b = host.tableau.tensors(dtype, device)
     h = trajectory.dt.to(dtype)
-    ha, hb = h[:, None, None] * a, h[:, None] * b
-    return lambda n: (ha[n], hb[n])
+    weights = h[:, None, None] * torch.cat((a, b[None]))
+    ha, hb = weights[:, :-1], weights[:, -1]
+    return lambda n: (ha[n], hb[n], weights[n])
 
 
 def time_gradient(host: HostSolver, t: torch.Tensor, y0: torch.Tensor, values: Sequence[torch.Tensor | None],
