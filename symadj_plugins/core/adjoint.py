@@ -349,16 +349,14 @@ def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor,
          value: torch.Tensor) -> torch.Tensor:
     """``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat); adds ``κᵀ ∂f/∂θ`` into
     ``grad_params`` and writes ``f``'s value into ``value``. One graph of ``f``, freed on return."""
+    shape = evaluate.shape
     with torch.enable_grad():
-        y = y.detach().reshape(evaluate.shape).requires_grad_(True)
+        y = y.detach().reshape(shape).requires_grad_(True)
         out = evaluate(n, i, call, y)
-        value.copy_(out.detach().reshape(-1))
-        if not out.requires_grad:  # f ignores both y and θ
-            return torch.zeros_like(value)
-        with hooks_suspended(hooked):
-            grads = vjp((out,), (cotangent.view(evaluate.shape),), (y, *params))
-    _accumulate(grad_params, grads[1:])
-    return torch.zeros_like(value) if grads[0] is None else grads[0].reshape(-1)
+    value.view(shape).copy_(out.detach())
+    if not out.requires_grad:  # f ignores both y and θ
+        return torch.zeros_like(value)
+    return _vjp_of((out,), (cotangent.view(shape),), y, params, hooked, grad_params)
 
 
 def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
@@ -366,13 +364,25 @@ def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Te
     """``μ = κᵀ ∂f/∂y`` (flat) on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
     ``grad_params``. The graph is freed after its last use."""
     graph.uses -= 1
-    with hooks_suspended(hooked):
-        grads = vjp((graph.output,), (cotangent.view(graph.shape),), (graph.leaf, *params),
-                    retain_graph=graph.uses > 0)
+    mu = _vjp_of((graph.output,), (cotangent.view(graph.shape),), graph.leaf, params, hooked, grad_params,
+                 retain_graph=graph.uses > 0)
     if graph.uses <= 0:
         graph.drop()
+    return mu
+
+
+def _vjp_of(outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tensor, params: tuple[torch.Tensor, ...],
+            hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor],
+            retain_graph: bool = False) -> torch.Tensor:
+    """The flat gradient w.r.t. ``y`` of ``outputs · cotangents``; its gradient w.r.t. ``params`` is added into
+    ``grad_params`` (with the parameters' own hooks suspended: they run once, on the total)."""
+    if hooked:
+        with hooks_suspended(hooked):
+            grads = vjp(outputs, cotangents, (y, *params), retain_graph=retain_graph)
+    else:
+        grads = vjp(outputs, cotangents, (y, *params), retain_graph=retain_graph)
     _accumulate(grad_params, grads[1:])
-    return torch.zeros_like(cotangent) if grads[0] is None else grads[0].reshape(-1)
+    return torch.zeros(y.numel(), dtype=y.dtype, device=y.device) if grads[0] is None else grads[0].reshape(-1)
 
 
 def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, t_out: torch.Tensor,
@@ -394,8 +404,13 @@ def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stag
 
 
 def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """``totals[j] += grads[j]`` where ``grads[j]`` is not ``None``, in one fused call."""
+    if not any(g is None for g in grads):
+        if totals:
+            torch._foreach_add_(totals, list(grads))
+        return
     pairs = [(total, g) for total, g in zip(totals, grads) if g is not None]
-    if pairs:  # one fused call for all parameters
+    if pairs:
         torch._foreach_add_([total for total, _ in pairs], [g for _, g in pairs])
 
 

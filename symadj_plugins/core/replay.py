@@ -23,6 +23,7 @@ that the replay has no side effects the forward pass did not have. This module i
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -279,19 +280,27 @@ class ReplayCheck:
     def __init__(self, num_stages: int, num_steps: int, dtype: torch.dtype, device: torch.device):
         self.rounding = 64 * num_stages * torch.finfo(dtype).eps
         self.deviation = torch.zeros(num_steps, dtype=dtype, device=device)
-        self.scale = torch.zeros(num_steps, dtype=dtype, device=device)
+        # Per step: max|y_n|, max|k_1|, ..., max|k_s| and the weights 1, h b_1, ..., h b_s of the scale (summed
+        # once, after the sweep: the sweep's per-step cost is a handful of operations).
+        self.magnitudes = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
+        self.weights = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
 
     def add_step(self, n: int, y0: torch.Tensor, y1: torch.Tensor, hb: torch.Tensor, k: torch.Tensor) -> None:
         """``y0``, ``y1``: ``(numel,)``; ``hb``: ``(s,)``; ``k``: ``(s, numel)`` replayed stage values."""
         if y0.numel() == 0:
             return
-        self.deviation[n] = torch.addmv(y0, k.T, hb).sub_(y1).abs_().max()
-        self.scale[n] = torch.dot(k.abs().amax(dim=1), hb.abs()) + y0.abs().max()
+        torch.linalg.vector_norm(torch.addmv(y0, k.T, hb).sub_(y1), math.inf, out=self.deviation[n])
+        magnitudes, weights = self.magnitudes[n], self.weights[n]
+        torch.linalg.vector_norm(y0, math.inf, out=magnitudes[0])
+        torch.linalg.vector_norm(k, math.inf, dim=1, out=magnitudes[1:])
+        weights[0] = 1.0
+        weights[1:] = hb
 
     def raise_if_failed(self, suspects: Sequence[str] = ()) -> None:
         if not len(self.deviation):
             return
-        excess = self.deviation - self.rounding * self.scale
+        scale = (self.magnitudes * self.weights.abs()).sum(1)
+        excess = self.deviation - self.rounding * scale
         worst = int(excess.argmax())
         if not bool(excess[worst] > 0):
             return
