@@ -505,3 +505,60 @@ def test_replay_check_raises_for_a_replay_that_does_not_reproduce_the_step():
         _replayed_step(1e-6).raise_if_failed()
     with pytest.raises(RuntimeError, match=r"Buffers updated in place during the solve: Foo\.bar\."):
         _replayed_step(1e-6).raise_if_failed(["Foo.bar"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The engine call (core/_engine.py)
+
+def test_the_installed_torch_has_the_engine_entry_point_the_sweep_calls():
+    # If a torch release renames it, the sweep silently falls back to torch.autograd.grad (correct, ~40 us slower
+    # per stage): this test says so, so that the private name can be updated in core/_engine.py.
+    from symadj_plugins.core import _engine
+    assert _engine.ENGINE_ENTRY_POINT
+
+
+def _mlp_graph(dtype=F64):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    unused = torch.nn.Parameter(torch.ones(2, dtype=dtype))
+    y = torch.randn(4, 3, dtype=dtype, requires_grad=True)
+    return net(y), y, (*net.parameters(), unused)
+
+
+@pytest.mark.parametrize("as_edge", [False, True])
+def test_engine_vjp_equals_autograd_grad_with_unused_inputs_as_none(as_edge):
+    from symadj_plugins.core._engine import vjp
+    out, y, params = _mlp_graph()
+    cotangent = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (y, *params), cotangent, retain_graph=True, allow_unused=True)
+    output = torch.autograd.graph.get_gradient_edge(out) if as_edge else out
+    got = vjp((output,), (cotangent,), (y, *params))
+    assert got[-1] is None and expected[-1] is None
+    for g, e in zip(got[:-1], expected[:-1]):
+        assert torch.equal(g, e)
+
+
+def test_engine_vjp_casts_a_cotangent_of_another_dtype_as_autograd_grad_does():
+    from symadj_plugins.core._engine import vjp
+    out, y, params = _mlp_graph(torch.float32)
+    cotangent = torch.randn(out.shape, dtype=F64)
+    expected = torch.autograd.grad(out, (y, *params), cotangent, retain_graph=True, allow_unused=True)
+    got = vjp((out,), (cotangent,), (y, *params))
+    assert all(g.dtype == torch.float32 and torch.equal(g, e) for g, e in zip(got[:-1], expected[:-1]))
+
+
+def test_engine_vjp_hands_tensor_subclasses_to_autograd_grad(monkeypatch):
+    from symadj_plugins.core import _engine
+
+    class Tagged(torch.Tensor):
+        pass
+
+    out, y, params = _mlp_graph()
+    calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real_grad(*a, **k))
+    _engine.vjp((out,), (torch.ones_like(out),), (y.as_subclass(Tagged), *params), retain_graph=True)
+    assert calls  # a subclass may override grad (__torch_function__): through torch.autograd.grad
+    calls.clear()
+    _engine.vjp((out,), (torch.ones_like(out),), (y, *params))
+    assert not calls  # plain tensors: the engine directly
