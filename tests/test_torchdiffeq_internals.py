@@ -101,3 +101,55 @@ def test_adaptive_tableau_is_torchdiffeqs(method):
     assert tab.fsal == host_fsal
     if method in ("dopri5", "dopri8", "bosh3"):
         assert tab.fsal
+
+
+# The replay calls what torchdiffeq's _PerturbFunc wraps, with the time _PerturbFunc would pass on
+# (_internals.perturb_base / perturbed_time): the times must be the forward pass's, bit for bit.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method,options", [
+    ("rk4", dict(step_size=0.1, perturb=True)),
+    ("midpoint", dict(step_size=0.1)),
+    ("euler", dict(step_size=0.1, perturb=True)),
+    ("dopri5", dict(jump_t=torch.tensor([0.35]))),
+    ("bosh3", dict()),
+])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_replayed_evaluations_see_the_forward_pass_times_bit_for_bit(dtype, method, options, reverse):
+    from collections import Counter
+    seen: dict[str, Counter] = {"forward": Counter(), "replay": Counter()}
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.7, dtype=dtype))
+
+        def forward(self, t, y):
+            seen["replay" if torch.is_grad_enabled() else "forward"][(t.dtype, t.item())] += 1
+            return -self.w * y * torch.cos(3 * t) + (t > 0.35).to(y.dtype)
+
+    field = Field()
+    y0 = torch.tensor([1.0, -0.5], dtype=dtype)
+    t = torch.tensor([0.0, 0.8], dtype=torch.float64)
+    if reverse:
+        t = t.flip(0)
+        options = {k: (-v if k == "jump_t" else v) for k, v in options.items()}
+    out = adapter.odeint_symplectic_adjoint(field, y0, t, method=method, rtol=1e-6, atol=1e-8, options=options)
+    out[-1].sum().backward()
+    assert seen["replay"], "the backward pass evaluated nothing"
+    # Every replayed evaluation is a forward one (adaptive solvers also evaluate rejected attempts and probes).
+    assert not seen["replay"] - seen["forward"], "the replay evaluated f at times the forward pass did not"
+    if method != "dopri5" and method != "bosh3":
+        assert seen["replay"] == seen["forward"]  # fixed grid, stage inputs kept: each stage replayed once
+
+
+def test_perturbed_time_is_what_perturbfunc_passes_on():
+    received = []
+    wrapped = misc._PerturbFunc(lambda t, y: received.append(t) or y)
+    y = torch.zeros(2, dtype=torch.complex64)
+    for perturb in (misc.Perturb.NONE, misc.Perturb.PREV, misc.Perturb.NEXT):
+        for t in (torch.tensor(0.3, dtype=torch.float64), torch.tensor(2.0 ** 30, dtype=torch.float64)):
+            wrapped(t, y, perturb=perturb)
+            expected = received.pop()
+            got = _internals.perturbed_time(t, y, perturb)
+            assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected.detach())
+    assert _internals.perturb_base(wrapped) is wrapped.base_func and _internals.perturb_base(lambda t, y: y) is None

@@ -10,7 +10,8 @@ Private torchdiffeq names this package depends on; only ``_internals.py`` import
 if they differ; each is exercised by ``tests/test_torchdiffeq_internals.py``:
 
 - ``torchdiffeq._impl.odeint.SOLVERS`` and ``torchdiffeq._impl.misc._check_inputs`` / ``_flat_to_shape`` /
-  ``Perturb``: the entry points ``torchdiffeq.odeint`` itself uses.
+  ``Perturb``: the entry points ``torchdiffeq.odeint`` itself uses; ``_PerturbFunc`` (its ``base_func`` and the time
+  its ``forward`` passes on, restated in ``perturbed_time``): the replay calls the wrapped function directly.
 - ``torchdiffeq._impl.adjoint.find_parameters``: the default ``adjoint_params``.
 - ``RKAdaptiveStepsizeODESolver``: ``.tableau`` (``alpha``, ``beta``, ``c_sol``), ``.rk_state`` (``y1``, ``f1``,
   ``t1``) read at accepted steps, ``._interp_fit`` and ``interp._interp_evaluate`` for dense output.

@@ -13,10 +13,11 @@ import inspect
 import sys
 from collections.abc import Callable
 
+import torch
 from torchdiffeq._impl import fixed_grid as _fixed_grid
 from torchdiffeq._impl.adjoint import find_parameters
 from torchdiffeq._impl.interp import _interp_evaluate
-from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape
+from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
@@ -24,7 +25,7 @@ from ..core import ButcherTableau
 
 __all__ = ["SOLVERS", "Perturb", "RKAdaptiveStepsizeODESolver", "TESTED_VERSIONS", "_adaptive_tableau",
            "_check_inputs", "_check_torchdiffeq", "_fixed_grid", "_flat_to_shape", "_interp_evaluate", "_modules",
-           "find_parameters"]
+           "find_parameters", "perturb_base", "perturbed_time"]
 
 TESTED_VERSIONS = "0.2.4 and 0.2.5"
 
@@ -36,6 +37,36 @@ def _adaptive_tableau(solver_cls: type) -> ButcherTableau:
     tab = solver_cls.tableau
     return ButcherTableau.from_rows([0.0, *tab.alpha.tolist()], [row.tolist() for row in tab.beta],
                                     tab.c_sol.tolist(), name=solver_cls.__name__)
+
+
+def perturb_base(func: Callable) -> Callable | None:
+    """The function torchdiffeq's ``_PerturbFunc`` (the outermost wrapper of its normalised ``func``) calls, or
+    ``None`` if ``func`` is not one.
+
+    The backward pass calls it directly, with :func:`perturbed_time`: ``_PerturbFunc.forward`` computes
+    ``y.abs()`` only for its dtype and is a module call of its own, 10–15 µs per evaluation on a CPU (the
+    benchmark's ``steps`` field), paid again on each of the thousands of replayed evaluations
+    (``tests/test_torchdiffeq_internals.py`` checks that the replay sees the forward pass's times, bit for bit).
+    """
+    return func.base_func if type(func) is _PerturbFunc else None
+
+
+_REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def perturbed_time(t: torch.Tensor, y: torch.Tensor, perturb: Perturb) -> torch.Tensor:
+    """The time ``_PerturbFunc.forward(t, y, perturb=perturb)`` passes on to its base function (its own steps:
+    the real part, the state's real dtype, one ulp towards ``t ± 1``), as a constant: without the straight-through
+    derivative with respect to ``t`` that torchdiffeq attaches, which the replay's VJPs (in ``y`` and θ) do not
+    read."""
+    if t.is_complex():
+        t = t.real
+    t = t.to(_REAL_DTYPES.get(y.dtype, y.dtype))
+    if perturb is Perturb.NEXT:
+        return torch.nextafter(t, t + 1)
+    if perturb is Perturb.PREV:
+        return torch.nextafter(t, t - 1)
+    return t
 
 
 def _modules():

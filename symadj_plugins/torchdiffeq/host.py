@@ -13,7 +13,15 @@ import torchdiffeq
 from ..core import HostSolver, StageCall, Trajectory
 from ..core.budget import MemoryBudget
 from ..core.recording import StageKeeper
-from ._internals import SOLVERS, Perturb, RKAdaptiveStepsizeODESolver, _adaptive_tableau, _interp_evaluate
+from ._internals import (
+    SOLVERS,
+    Perturb,
+    RKAdaptiveStepsizeODESolver,
+    _adaptive_tableau,
+    _interp_evaluate,
+    perturb_base,
+    perturbed_time,
+)
 from .events import _event_rate, _record_fixed_grid_event_steps
 from .fixed_grid import _FIXED_GRID, FixedGridRule, fixed_grid_perturb_flags, fixed_grid_stage_times
 from .recording import (
@@ -39,6 +47,7 @@ class _TorchdiffeqHost(HostSolver):
                  rule: FixedGridRule | None = None, user_func: Callable | None = None,
                  event_fn: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
+        self._perturb_base = perturb_base(func)  # what _PerturbFunc calls (the replay calls it directly)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
         # What the forward pass keeps for the backward pass (core.budget); store_stages is the older switch.
         self.memory_budget = memory_budget or MemoryBudget.parse("stages" if store_stages else "min")
@@ -212,6 +221,10 @@ class _TorchdiffeqHost(HostSolver):
         return t if self.time_shift is None else t + self.time_shift.to(t.dtype)
 
     def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
+        if self.time_shift is None and self._perturb_base is not None:
+            # What _PerturbFunc would do, without its per-call overhead (see perturb_base).
+            return self._perturb_base(perturbed_time(t, y, dict(kwargs).get("perturb", Perturb.NONE)), y)
+        # Event mode: the time shift carries ∂L/∂t_0 through torchdiffeq's own perturbation.
         return self.func(self._shifted(t), y, **dict(kwargs))
 
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
