@@ -278,6 +278,7 @@ class ReplayCheck:
     """
 
     def __init__(self, num_stages: int, num_steps: int, dtype: torch.dtype, device: torch.device):
+        dtype = torch.empty(0, dtype=dtype).abs().dtype  # the figures are real for a complex state
         self.rounding = 64 * num_stages * torch.finfo(dtype).eps
         self.deviation = torch.zeros(num_steps, dtype=dtype, device=device)
         # Per step: max|y_n|, max|k_1|, ..., max|k_s| and the weights 1, h b_1, ..., h b_s of the scale (summed
@@ -294,12 +295,12 @@ class ReplayCheck:
         torch.linalg.vector_norm(y0, math.inf, out=magnitudes[0])
         torch.linalg.vector_norm(k, math.inf, dim=1, out=magnitudes[1:])
         weights[0] = 1.0
-        weights[1:] = hb
+        weights[1:] = hb.abs()
 
     def raise_if_failed(self, suspects: Sequence[str] = ()) -> None:
         if not len(self.deviation):
             return
-        scale = (self.magnitudes * self.weights.abs()).sum(1)
+        scale = (self.magnitudes * self.weights).sum(1)
         excess = self.deviation - self.rounding * scale
         worst = int(excess.argmax())
         if not bool(excess[worst] > 0):
