@@ -87,9 +87,22 @@ def _not_ok_row(r: dict, width: int) -> list[str]:
 
 def method_table(records: list[dict]) -> str:
     """All figures of every method on one case (the ``cnf`` headline table)."""
-    base = _by_method(_ok(records)).get("backprop")
     header = ["method", "peak memory", "× backprop", "held for backward", "forward s", "backward s",
               "fwd+bwd s", "× backprop", "NFE fwd / bwd", "steps fwd / bwd", "grad rel. error", "vs backprop"]
+
+    def row(r: dict, base: dict | None, mem_ratio: float | None) -> list[str]:
+        time_ratio = r["total_s"] / base["total_s"] if base else None
+        return [f"`{r['method']}`", fmt_bytes(r["peak_bytes"]), fmt_ratio(mem_ratio), fmt_bytes(r["held_bytes"]),
+                fmt_s(r["fwd_s"]), fmt_s(r["bwd_s"]), fmt_s(r["total_s"]), fmt_ratio(time_ratio),
+                _pair(r["nfe_fwd"], r["nfe_bwd"]), _pair(r["steps_fwd"], r["steps_bwd"]),
+                fmt_err(r["grad_err"]), fmt_err(r.get("grad_err_vs_backprop"))]
+    return _methods_table(records, header, row)
+
+
+def _methods_table(records: list[dict], header: list[str], row) -> str:
+    """One row per method of a case (``row(record, backprop's record, peak memory ÷ backprop's)``); a method that
+    failed gets its status instead."""
+    base = _by_method(_ok(records)).get("backprop")
     rows = []
     for r in records:
         if r.get("method") == "reference":
@@ -97,12 +110,7 @@ def method_table(records: list[dict]) -> str:
         if r.get("status") != "ok":
             rows.append(_not_ok_row(r, len(header)))
             continue
-        mem_ratio = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
-        time_ratio = r["total_s"] / base["total_s"] if base else None
-        rows.append([f"`{r['method']}`", fmt_bytes(r["peak_bytes"]), fmt_ratio(mem_ratio), fmt_bytes(r["held_bytes"]),
-                     fmt_s(r["fwd_s"]), fmt_s(r["bwd_s"]), fmt_s(r["total_s"]), fmt_ratio(time_ratio),
-                     _pair(r["nfe_fwd"], r["nfe_bwd"]), _pair(r["steps_fwd"], r["steps_bwd"]),
-                     fmt_err(r["grad_err"]), fmt_err(r.get("grad_err_vs_backprop"))])
+        rows.append(row(r, base, r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None))
     return _table(header, rows)
 
 
@@ -153,21 +161,14 @@ def budget_label(r: dict) -> str:
 
 def budget_table(records: list[dict]) -> str:
     """The ``budget`` problem on one case: every method's peak memory and time as ratios to backprop's."""
-    base = _by_method(_ok(records)).get("backprop")
     header = ["method", "memory budget", "peak memory", "× backprop", "fwd+bwd s", "× backprop (min–max)",
               "NFE fwd / bwd", "grad error vs backprop"]
-    rows = []
-    for r in records:
-        if r.get("method") == "reference":
-            continue
-        if r.get("status") != "ok":
-            rows.append(_not_ok_row(r, len(header)))
-            continue
-        mem_ratio = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] else None
-        rows.append([f"`{r['method']}`", budget_label(r), fmt_bytes(r["peak_bytes"]), fmt_ratio(mem_ratio),
-                     fmt_s(r.get("total_s")), _spread(ratio_spread(r, base) if "total_s" in r else None),
-                     _pair(r["nfe_fwd"], r["nfe_bwd"]), fmt_err(r.get("grad_err_vs_backprop"))])
-    return _table(header, rows)
+
+    def row(r: dict, base: dict | None, mem_ratio: float | None) -> list[str]:
+        return [f"`{r['method']}`", budget_label(r), fmt_bytes(r["peak_bytes"]), fmt_ratio(mem_ratio),
+                fmt_s(r.get("total_s")), _spread(ratio_spread(r, base) if "total_s" in r else None),
+                _pair(r["nfe_fwd"], r["nfe_bwd"]), fmt_err(r.get("grad_err_vs_backprop"))]
+    return _methods_table(records, header, row)
 
 
 def pivot_table(records: list[dict], value: str, fmt) -> str:
