@@ -196,7 +196,7 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
 
 
 class _Sweep:
-    """The reverse sweep's working state, reused by every step (no allocation per stage).
+    """The reverse sweep's working state: the buffers every step reuses.
 
     ``adjoints`` is ``(s + 1, numel)``: rows ``0..s-1`` hold ``μ_i = ∂L/∂Y_i`` of the step under way, row ``s`` holds
     ``λ``. With ``weights_n = [h·A; h·b]`` (``(s + 1, s)``), stage ``i``'s cotangent
