@@ -2,10 +2,10 @@
 
 ``torch.autograd.grad`` normalises its arguments, looks for ``__torch_function__`` overrides and checks every
 cotangent's shape in Python on each call: 8–15 µs per call within the sweep on a CPU (the benchmark's ``steps``
-field), up to 40 µs on a tiny graph, paid once per stage (4 000 times for 1 000 rk4 steps). The sweep's arguments are already in the engine's form (tuples of
-plain tensors whose cotangents have the outputs' shapes), so it calls ``torch.autograd.graph._engine_run_backward``
-(the function ``torch.autograd.grad`` itself ends in) directly. The engine still checks and casts the cotangents
-(shape, dtype, device) as it does for ``grad``.
+field), up to 40 µs on a tiny graph, paid once per stage (4 000 times for 1 000 rk4 steps). The sweep's arguments
+are already in the engine's form (tuples of plain tensors whose cotangents have the outputs' shapes), so it calls
+``torch.autograd.graph._engine_run_backward`` (the function ``torch.autograd.grad`` itself ends in) directly. The
+engine still checks and casts the cotangents (shape, dtype, device) as it does for ``grad``.
 
 That name is private to PyTorch: it is used only where it exists, and only for plain tensors (a tensor subclass may
 override ``grad`` through ``__torch_function__``); otherwise the sweep calls ``torch.autograd.grad``.
