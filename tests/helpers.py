@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 import torchdiffeq
 
@@ -91,3 +94,12 @@ def loss_of(solution):
         return sum(loss_of(s) for s in solution)
     weights = torch.arange(1, solution.shape[0] + 1, dtype=solution.dtype, device=solution.device)
     return (solution.pow(2).sum(dim=tuple(range(1, solution.ndim))) * weights).sum() + solution.sin().sum()
+
+
+def run_in_threads(target: Callable[[], None], count: int) -> None:
+    """Runs ``target`` in ``count`` threads at once and waits for all of them (``target`` reports its own errors)."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 import torchdiffeq
-from helpers import TimeDependentField, flat_grads, loss_of
+from helpers import TimeDependentField, flat_grads, loss_of, run_in_threads
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
@@ -154,11 +154,7 @@ def test_concurrent_register_patches_once_and_unregister_restores_every_original
             except Exception as exc:  # reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=register_together) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(register_together, 8)
         assert not errors
         assert symadj_plugins.is_registered("torchdiffeq") and symadj_plugins.is_registered("torchdyn")
         _assert_wrapped_once(_current(attributes), originals)

@@ -463,7 +463,7 @@ def test_registration_fails_loudly_when_torchdyn_changes(monkeypatch):
 
 @pytest.mark.parametrize("solver", ["rk4", "dopri5"])
 def test_one_model_solves_in_two_threads_with_the_single_thread_gradient(solver):
-    import threading
+    from helpers import run_in_threads
 
     field, x = problem(torch.float64)
     model = NeuralODE(field, sensitivity="symplectic_adjoint", solver=solver, atol=1e-6, rtol=1e-6)
@@ -482,11 +482,7 @@ def test_one_model_solves_in_two_threads_with_the_single_thread_gradient(solver)
             except Exception as exc:  # reported below
                 errors.append(exc)
 
-    threads = [threading.Thread(target=solve_twenty_times) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(solve_twenty_times, 2)
     assert not errors, errors[:3]
     assert len(results) == 40
     for got in results:
