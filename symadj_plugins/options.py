@@ -19,8 +19,8 @@ from .core.budget import MemoryBudget
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "SymplecticAdjoint", "current_options", "options"]
 
-DEFAULT_MEMORY_BUDGET = "stages"
-"""The default budget: keep the stage inputs of every accepted step (``s`` states per step), no graphs. See
+DEFAULT_MEMORY_BUDGET = "auto"
+"""The default budget: never more than twice what ``"trajectory"`` holds, the fastest within that. See
 ``docs/design.md`` (the memory budget) for the measurements behind this choice."""
 
 
@@ -29,13 +29,23 @@ class SymplecticAdjoint:
     """How the symplectic adjoint spends memory for speed.
 
     Attributes:
-        memory_budget: bytes the forward pass may keep for the backward pass beyond the trajectory (one state per
-            accepted step, which is always kept). Spent first on each step's stage inputs (``s`` states: the backward
-            pass skips recomputing them), then on the graphs of the steps' stage evaluations (the backward pass then
-            does backprop's work for those steps). Accepted: an ``int`` number of bytes, a string with a unit
-            (``"256MiB"``, ``"2GB"``), ``"min"`` (= 0: the least memory), ``"stages"`` (the default: every step's
-            stage inputs, no graphs), ``"max"`` (everything: backprop's memory and speed). The gradient is the same
-            at every budget, to rounding.
+        memory_budget: the bytes the solve may keep for the backward pass, states included (not counted: the
+            solution returned, the parameters, the backward pass's working buffers and the one graph of ``f`` it
+            builds at a time). The gradient is the same at every budget, to rounding. A level by name:
+
+            - ``"min"`` (= ``0``): the fewest bytes: ``O(log N)`` states kept, the others recomputed in the backward
+              pass from the nearest kept one with the host's own step (a binomial, Revolve-style reversal:
+              ``O(N log N)`` recomputed steps);
+            - ``"trajectory"``: one state per accepted step (the paper's method; ``store_stages=False``);
+            - ``"stages"``: and every step's stage inputs (the backward pass skips recomputing them;
+              ``store_stages=True``);
+            - ``"max"``: and the graphs of the stage evaluations (backprop's memory and speed);
+            - ``"auto"`` (the default): never more than twice what ``"trajectory"`` holds, the fastest within that
+              (all stage inputs where the network dominates memory, some of them where the states do).
+
+            Or a number of bytes (``int``, or a string with a unit: ``"256MiB"``, ``"2GB"``): spent on states first
+            (down to ``"min"``'s, whose cost it never goes below: a smaller budget runs at ``"min"`` with a warning),
+            then one state per step, then stage inputs, then graphs.
     """
 
     memory_budget: int | float | str = DEFAULT_MEMORY_BUDGET

@@ -75,7 +75,7 @@ def odeint_symplectic_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
     """``odeint`` with the exact gradient by the symplectic adjoint method (Matsubara et al., NeurIPS 2021).
 
     Memory held for backward: one state per accepted step plus one evaluation of ``func``'s graph at a time, as the
-    original's (``memory_budget="min"`` of symadj-plugins, whose own default also keeps each step's stage inputs).
+    original's (``memory_budget="trajectory"`` of symadj-plugins, whose own default may keep more).
     ``adjoint_params`` defaults to the parameters of ``func`` when it is an ``nn.Module`` (otherwise none).
     """
     _no_events(event_fn)
@@ -83,7 +83,8 @@ def odeint_symplectic_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None,
     params = _host.default_params(func, adjoint_params)
     if SOLVERS[method] is not ClassicalRK4:
         return _adapter.odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=torchdiffeq_name(method),
-                                                  options=options, adjoint_params=params, memory_budget="min")
+                                                  options=options, adjoint_params=params,
+                                                  memory_budget="trajectory")
     check_times(t)
     shapes, func, y0, t_norm, rtol, atol, options = _host.normalise(func, y0, t, rtol, atol, method, options)
     host = _host.make_host(func, method, rtol, atol, options)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ._engine import vjp
 from .budget import KeptGraph
+from .checkpointing import Restart, reversed_states
 from .replay import AutocastState, BufferGuard, ReplayCheck, hooks_suspended
 from .tableau import ButcherTableau, StagePlan
 from .trajectory import StageCall, Trajectory
@@ -75,7 +76,7 @@ class HostSolver(abc.ABC):
         """``(h·A, h·b)`` of step ``n``, shapes ``(s, s)`` and ``(s,)`` in the state dtype: ``dt[n] * A`` and
         ``dt[n] * b`` unless the host forms the products ``h·a_ij`` differently (torchdyn rounds some of them to
         float32 for float64 states)."""
-        y = trajectory.states[n]
+        y = trajectory.states[0]  # always kept: the dtype and device of every state
         a, b = self.tableau.tensors(y.dtype, y.device)
         h = trajectory.dt[n].to(y.dtype)
         return h * a, h * b
@@ -83,6 +84,15 @@ class HostSolver(abc.ABC):
     def modules(self) -> Sequence[torch.nn.Module]:
         """The modules the vector field is made of (their buffers are guarded: see ``core.replay``)."""
         return ()
+
+    def advance(self, trajectory: Trajectory, n: int, restart: Restart,
+                replaying: Callable[[int, int], contextlib.AbstractContextManager]) -> Restart:
+        """Recomputes the state after step ``n`` (and its restart data) from ``restart``, with the host's own step and
+        the recorded times, step size and flags, so that it equals the forward pass's bit for bit. Runs without a
+        graph. ``replaying(n, i)`` is the context to evaluate stage ``i`` of step ``n`` in (the forward pass's random
+        numbers and autocast state). Needed only by budgets that drop states; a host without it keeps every state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot recompute states: use a memory budget that keeps "
+                                  "every state ('trajectory' or more)")
 
 
 def odeint_symplectic(host: HostSolver, y0: torch.Tensor, t: torch.Tensor,
@@ -185,14 +195,31 @@ def backward_sweep(host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
         RuntimeError: when a replayed step does not reproduce the forward pass's end state (see ``ReplayCheck``).
     """
     sweep = _Sweep(host, trajectory, t, cotangents, params, replay)
-    for n in reversed(range(trajectory.num_steps)):
-        sweep.reverse_step(n)
+    next_state = trajectory.states[-1]
+    for n, restart in _reversed_states(host, trajectory, sweep.evaluate):
+        sweep.reverse_step(n, restart, next_state)
+        next_state = restart.state
     _drop_graphs(trajectory)
     sweep.check.raise_if_failed(replay.buffers.suspects if replay is not None else ())
     shape = trajectory.states[0].shape
     lam_without_output0 = sweep.lam.clone().view(shape)
     grad_y0 = lam_without_output0 if cotangents[0] is None else lam_without_output0 + cotangents[0]
     return grad_y0, sweep.grad_params, lam_without_output0
+
+
+def _reversed_states(host: HostSolver, trajectory: Trajectory, evaluate: _Evaluator):
+    """``(n, restart_n)`` for ``n = N - 1, ..., 0``: the kept states as they are, the others recomputed from the
+    nearest kept one (``core.checkpointing``)."""
+    n_steps = trajectory.num_steps
+    extra = trajectory.restart_extra or [None] * n_steps
+    kept = {n: Restart(trajectory.states[n], trajectory.carried[n], extra[n])
+            for n in range(n_steps) if trajectory.states[n] is not None}
+
+    def advance(n: int, restart: Restart) -> Restart:
+        with torch.no_grad():
+            return host.advance(trajectory, n, restart, evaluate.replaying)
+
+    return reversed_states(n_steps, kept, advance, trajectory.snapshots)
 
 
 class _Sweep:
@@ -210,7 +237,7 @@ class _Sweep:
         self.host, self.trajectory, self.t, self.cotangents = host, trajectory, t, cotangents
         self.tableau = host.tableau
         s = self.tableau.num_stages
-        y_init = trajectory.states[0]
+        y_init = trajectory.states[0]  # always kept
         numel, dtype, device = y_init.numel(), y_init.dtype, y_init.device
         self.params = tuple(params)
         self.evaluate = _Evaluator(host, trajectory, replay, y_init.shape)
@@ -227,17 +254,19 @@ class _Sweep:
         # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
         self.hooked = tuple(p for p in self.params if p._backward_hooks)
 
-    def reverse_step(self, n: int) -> None:
-        """``λ_{n+1} → λ_n`` over step ``n``, adding the step's parameter gradient into ``grad_params``."""
+    def reverse_step(self, n: int, restart: Restart, next_state: torch.Tensor) -> None:
+        """``λ_{n+1} → λ_n`` over step ``n`` (from ``restart``, to ``next_state`` = ``y_{n+1}``), adding the step's
+        parameter gradient into ``grad_params``."""
         s = self.tableau.num_stages
-        y0 = self.trajectory.states[n].reshape(-1)
+        y0 = restart.state.reshape(-1)
+        carried = restart.carried
         ha, hb, weights = self.coefficients(n)
         calls = self.host.stage_calls(self.trajectory, n)
-        extra_kappa, grad_y0_from_outputs = self._outputs_in_step(n)
+        extra_kappa, grad_y0_from_outputs = self._outputs_in_step(n, restart.state, next_state)
         plan = self.tableau.backward_plan(tuple(e is not None for e in extra_kappa))
         inputs = self.trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
         if inputs is None:
-            inputs = _recompute_stage_inputs(self.evaluate, n, calls, y0, ha, plan, self.trajectory.carried[n],
+            inputs = _recompute_stage_inputs(self.evaluate, n, calls, y0, ha, plan, carried,
                                              self.stage_values, self.stage_inputs)
         graphs = self.trajectory.graphs_of(n)
 
@@ -252,7 +281,7 @@ class _Sweep:
                 kappa += extra_kappa[i]
             if i == 0 and calls[0] is None:  # carried in from the previous step: its cotangent goes there
                 self.carry_cotangent = kappa
-                self.stage_values[0].copy_(self.trajectory.carried[n].reshape(-1))
+                self.stage_values[0].copy_(carried.reshape(-1))
                 continue
             graph = graphs[i] if graphs is not None else None
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
@@ -262,7 +291,7 @@ class _Sweep:
                 self.mu[i] = _vjp(self.evaluate, n, i, calls[i], inputs[i], kappa, self.params, self.hooked,
                                   self.grad_params, self.stage_values[i])
         if replayed_only:
-            self.check.add_step(n, y0[self.checked], self.trajectory.states[n + 1].reshape(-1)[self.checked], hb,
+            self.check.add_step(n, y0[self.checked], next_state.reshape(-1)[self.checked], hb,
                                 self.stage_values[:, self.checked])
         lam = self.adjoints.sum(0)
         if grad_y0_from_outputs is not None:
@@ -270,7 +299,8 @@ class _Sweep:
         self.mu.zero_()
         self.lam.copy_(lam)
 
-    def _outputs_in_step(self, n: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    def _outputs_in_step(self, n: int, y0: torch.Tensor,
+                         y1: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """The outputs produced between ``t_n`` and ``t_{n+1}``: their cotangents enter ``λ`` (through ``y_{n+1}``,
         added here), and are returned as the extra stage cotangents (with the one carried into the next step) and the
         extra cotangent of ``y_n``."""
@@ -281,8 +311,9 @@ class _Sweep:
         for j in self.trajectory.outputs_in_step.get(n, ()):
             if self.cotangents[j] is None:
                 continue
-            g_y0, g_y1, g_k = _dense_output_vjp(self.host, self.trajectory, n, s, self.t[j], self.cotangents[j],
-                                                self.params, self.hooked, self.grad_params, self.evaluate)
+            g_y0, g_y1, g_k = _dense_output_vjp(self.host, self.trajectory, n, y0, y1, s, self.t[j],
+                                                self.cotangents[j], self.params, self.hooked, self.grad_params,
+                                                self.evaluate)
             self.lam += g_y1
             grad_y0 = _add(grad_y0, g_y0)
             extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
@@ -315,12 +346,22 @@ class _Evaluator:
         rng = self.trajectory.rng_state(n, i) if n is not None else None
         if rng is None and self.autocast is None:
             return self.host.vector_field(call.t, y, call.kwargs)
+        with self._entered(rng):
+            return self.host.vector_field(call.t, y, call.kwargs)
+
+    def replaying(self, n: int, i: int) -> contextlib.AbstractContextManager:
+        """The context in which stage ``i`` of step ``n`` is evaluated again (for a host's own step: see
+        ``HostSolver.advance``)."""
+        return self._entered(self.trajectory.rng_state(n, i))
+
+    @contextlib.contextmanager
+    def _entered(self, rng):
         with contextlib.ExitStack() as stack:
             if self.autocast is not None:
                 stack.enter_context(self.autocast())
             if rng is not None:
                 stack.enter_context(rng.restored())
-            return self.host.vector_field(call.t, y, call.kwargs)
+            yield
 
 
 def _recompute_stage_inputs(evaluate: _Evaluator, n: int, calls: Sequence[StageCall | None], y0: torch.Tensor,
@@ -385,14 +426,14 @@ def _vjp_of(outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tenso
     return torch.zeros(y.numel(), dtype=y.dtype, device=y.device) if grads[0] is None else grads[0].reshape(-1)
 
 
-def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, t_out: torch.Tensor,
-                      cotangent: torch.Tensor, params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...],
-                      grad_params: list[torch.Tensor], evaluate: _Evaluator):
+def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, y_n: torch.Tensor, y_next: torch.Tensor,
+                      num_stages: int, t_out: torch.Tensor, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
+                      hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor], evaluate: _Evaluator):
     """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``; ``None`` for a
     stage the output does not depend on. The stages enter as zeros: dense output is linear in them."""
     with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
-        y0 = trajectory.states[n].detach().requires_grad_(True)
-        y1 = trajectory.states[n + 1].detach().requires_grad_(True)
+        y0 = y_n.detach().requires_grad_(True)
+        y1 = y_next.detach().requires_grad_(True)
         k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
     with hooks_suspended(hooked):

@@ -1,84 +1,131 @@
-"""Spending memory for speed: what the forward pass keeps for the backward pass, within a budget in bytes.
+"""Spending memory for speed: what the solve keeps for the backward pass, within one budget in bytes.
 
-The minimal path keeps one state per accepted step and replays each step in the backward pass: its stage inputs are
-recomputed without a graph (up to ``s - 1`` evaluations of ``f``), then each stage is evaluated again with a graph and
-differentiated. Two things bought with memory shorten that, in order of time saved per byte:
+Everything the forward pass keeps for the backward pass is counted, in the order it is worth keeping (time saved per
+byte):
 
-1. **the stage inputs** ``Y_i`` of a step (``s·|y|`` bytes): the backward pass skips the recomputation;
-2. **the graphs of the step's stage evaluations** (``s·L`` bytes, ``L`` the activations of one evaluation of ``f``),
+1. **states** (``|y|`` bytes each, plus what the host needs to restart a step there): down to ``O(log N)`` of them, the
+   others recomputed in the backward pass with the host's own step (``core.checkpointing``);
+2. **one state per accepted step** (the paper's method): the backward pass recomputes nothing but each step's stages;
+3. **the stage inputs** ``Y_i`` of a step (``(s - 1)·|y|`` bytes beyond its state): the backward pass skips
+   recomputing them;
+4. **the graphs of the step's stage evaluations** (``s·L`` bytes, ``L`` the activations of one evaluation of ``f``),
    built by the forward pass itself (it evaluates ``f`` with grad on a detached copy of the stage input and hands the
    solver the detached value, so the forward values are unchanged): the backward pass then only takes the ``s``
    vector–Jacobian products of the step, exactly what backprop does.
 
-The decision is online (an adaptive solver does not know how many steps it will take): every accepted step keeps its
-stage inputs while they fit, evicting the graphs of earlier steps if they must; then it keeps its graphs if they fit in
-what is left. A rejected attempt frees what it built. What is counted, against :attr:`MemoryBudget.bytes`: the stage
-inputs (``s`` states per step), and for a kept graph the bytes autograd saves for it (measured with saved-tensor hooks;
-each storage once, parameters and the stage input excluded). The mandatory
-trajectory (states, step sizes, carried stages) is not counted: it is what the minimal path holds.
+The decisions are online (an adaptive solver does not know how many steps it will take): every accepted step's state is
+admitted first, evicting the graphs, then the stage inputs, of the earliest steps that kept some if it must, and
+thinning the kept states (``checkpointing.OnlineThinning``) once even the states do not fit; then the step keeps its
+stage inputs, then its graphs, if they fit in what is left. A rejected attempt frees what it built. What is counted:
+the kept states and restart data, the stage inputs, and for a kept graph the bytes autograd saves for it (measured with
+saved-tensor hooks; each storage once, parameters and the stage input excluded). Not counted: the solution returned to
+the caller, the parameters, the backward pass's working buffers (a few states) and the one graph it builds at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import numbers
 import re
-from collections.abc import Iterable, Iterator
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .checkpointing import OnlineThinning, log_cap
 
 __all__ = ["BudgetLedger", "KeptGraph", "MemoryBudget", "SavedBytesMeter", "measure_saved_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_ACCEPTED = ("an int number of bytes >= 0, a string with a unit ('256MiB', '2GB', '512 KiB'), 'min' (= 0: one state "
-             "per step, the least memory), 'stages' (the stage inputs of every step, no graphs), 'max' (everything: "
-             "backprop's memory and speed), or math.inf")
+LEVELS = ("min", "trajectory", "stages", "max", "auto")
+_ACCEPTED = ("'min' (= 0: the fewest bytes, O(log N) states), 'trajectory' (one state per step), 'stages' (and every "
+             "step's stage inputs), 'max' (and the stage graphs: backprop's memory and speed), 'auto' (the default: "
+             "at most twice what 'trajectory' holds, the fastest within that), a number of bytes >= 0, a string with "
+             "a unit ('256MiB', '2GB', '512 KiB') or math.inf")
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """How many bytes the forward pass may keep for the backward pass beyond the trajectory.
+    """How many bytes the solve may keep for the backward pass (states included), or a named level.
 
     Attributes:
-        bytes: the budget (``math.inf``: no limit).
-        graphs: whether graphs of stage evaluations may be kept (``False`` for ``'stages'``: stage inputs only).
+        bytes: the budget for ``level == "bytes"`` (``math.inf``: no limit); ``0`` for ``"min"``, ``inf`` for the
+            other levels.
+        level: ``"bytes"`` or one of ``"min"``, ``"trajectory"``, ``"stages"``, ``"max"``, ``"auto"``.
+        allow_graphs: ``False`` for a host whose stage graphs cannot be reused (see :meth:`without_graphs`).
     """
 
     bytes: float
-    graphs: bool = True
+    level: str = "bytes"
+    allow_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.level == "bytes" and self.bytes == 0:  # zero bytes is the fewest: "min"
+            object.__setattr__(self, "level", "min")
 
     @classmethod
     def parse(cls, value: int | float | str | MemoryBudget) -> MemoryBudget:
         """Reads a user's ``memory_budget``; raises ``TypeError``/``ValueError`` naming the accepted forms."""
         if isinstance(value, MemoryBudget):
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
             raise TypeError(f"memory_budget must be {_ACCEPTED}; got {type(value).__name__} {value!r}")
         if isinstance(value, str):
             return cls._parse_string(value)
+        value = float(value) if not isinstance(value, numbers.Integral) else int(value)
         if math.isnan(value) or value < 0:
             raise ValueError(f"memory_budget must be {_ACCEPTED}; got {value!r}")
-        return cls(float(value) if math.isinf(value) else float(int(value)))
+        if value == 0:
+            return cls.named("min")
+        return cls(math.inf if math.isinf(value) or value >= 2**63 else float(int(value)))
+
+    @classmethod
+    def named(cls, level: str) -> MemoryBudget:
+        return cls(0.0 if level == "min" else math.inf, level)
 
     @classmethod
     def _parse_string(cls, text: str) -> MemoryBudget:
         word = text.strip().lower()
-        if word == "min":
-            return cls(0.0)
-        if word == "stages":
-            return cls(math.inf, graphs=False)
-        if word == "max":
-            return cls(math.inf)
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", word)
+        if word in LEVELS:
+            return cls.named(word)
+        match = re.fullmatch(r"[+]?([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", word)
         if match is None or match.group(2) not in _UNITS:
             raise ValueError(f"memory_budget must be {_ACCEPTED}; got {text!r}")
-        return cls(float(int(float(match.group(1)) * _UNITS[match.group(2)])))
+        return cls.parse(float(match.group(1)) * _UNITS[match.group(2)])
+
+    @property
+    def keeps_every_state(self) -> bool:
+        """Whether every accepted step's state is kept whatever the number of steps."""
+        return self.level in ("trajectory", "stages", "max", "auto") or math.isinf(self.bytes)
+
+    @property
+    def stage_inputs(self) -> bool:
+        """Whether stage inputs may be kept."""
+        return self.level in ("stages", "max", "auto", "bytes") and self.bytes != 0
+
+    @property
+    def graphs(self) -> bool:
+        """Whether graphs of stage evaluations may be kept."""
+        return self.allow_graphs and self.level in ("max", "auto", "bytes") and self.bytes != 0
+
+    @property
+    def measures_graphs(self) -> bool:
+        """Whether the forward pass measures one evaluation's graph even when it keeps none (``"auto"``: its bound is
+        twice what ``"trajectory"`` holds, one graph of ``f`` included)."""
+        return self.level == "auto"
+
+    def without_graphs(self) -> MemoryBudget:
+        """The same budget, keeping no graphs (for a host whose stage graphs cannot be reused)."""
+        return dataclasses.replace(self, allow_graphs=False)
 
     @property
     def is_minimal(self) -> bool:
-        return self.bytes == 0
+        return self.level == "min"
 
 
 class KeptGraph:
@@ -101,7 +148,9 @@ class KeptGraph:
         return self.output is not None
 
     def drop(self) -> None:
-        self.output = None
+        """Frees the graph and the stage input it holds (the trajectory keeps its own reference where it keeps the
+        stage inputs)."""
+        self.output = self.leaf = None
 
 
 def _edge(out: torch.Tensor):
@@ -111,59 +160,137 @@ def _edge(out: torch.Tensor):
 
 
 class BudgetLedger:
-    """The online decisions of one forward solve: which accepted steps keep stage inputs, which keep graphs.
+    """The online decisions of one forward solve: which states are kept, which steps keep stage inputs, which graphs.
 
     Args:
         budget: the user's budget.
-        stage_input_bytes: bytes of one step's stage inputs (``s·|y|``).
+        restart_bytes: bytes of one kept state with what the host needs to restart a step there.
+        stage_input_bytes: bytes of one step's stage inputs beyond its state (``(s - 1)·|y|``).
+        evict_inputs: called with a step index when that step's stage inputs are given up.
     """
 
-    def __init__(self, budget: MemoryBudget, stage_input_bytes: int):
+    def __init__(self, budget: MemoryBudget, restart_bytes: int, stage_input_bytes: int,
+                 evict_inputs: Callable[[int], None] = lambda step: None):
         self.budget = budget
+        self.restart_bytes = max(1, restart_bytes)
         self.stage_input_bytes = stage_input_bytes
-        self.spent = 0
-        self._graph_steps: list[list[KeptGraph]] = []  # graphs kept, oldest first (evicted first)
+        self._evict_inputs = evict_inputs
+        self.state_bytes = 0  # kept states and their restart data
+        self.input_bytes = 0
+        self.graph_bytes = 0
+        self.states_seen = 0
+        self._input_steps: deque[int] = deque()  # steps that kept stage inputs, oldest first (evicted first)
+        self._graph_steps: deque[list[KeptGraph]] = deque()  # graphs kept, oldest first (evicted first)
         self.step_graph_bytes: int | None = None  # the last measured cost of one step's graphs
+        self.eval_graph_bytes: int | None = None  # the measured cost of one evaluation's graph
+        self.thinning = None if budget.keeps_every_state else OnlineThinning(self._state_cap)
+        self.fell_back_to_min = False
 
     @property
-    def remaining(self) -> float:
-        return self.budget.bytes - self.spent
+    def spent(self) -> int:
+        return self.state_bytes + self.input_bytes + self.graph_bytes
 
+    @property
+    def limit(self) -> float:
+        """The bytes that may be kept now. ``"auto"``: twice the states so far plus one evaluation's graph, so that the
+        solve never holds more than twice what ``"trajectory"`` holds."""
+        if self.budget.level == "auto":
+            return 2 * self.states_seen * self.restart_bytes + (self.eval_graph_bytes or 0)
+        return self.budget.bytes
+
+    @property
+    def thinned(self) -> bool:
+        """Whether some state was dropped (then the rest of the budget is the backward pass's, for recomputing)."""
+        return self.thinning is not None and self.thinning.stride > 1
+
+    def _state_cap(self, n: int) -> int:
+        """How many states may be kept after ``n`` steps: all of them while they fit, then half the budget's worth
+        (the other half is for the backward pass's recomputed states), never fewer than ``"min"``'s ``O(log N)``."""
+        if self.budget.is_minimal:
+            return log_cap(n)
+        slots = int(self.budget.bytes // self.restart_bytes)
+        if n + 1 <= slots and not self.thinned:
+            return slots
+        if slots // 2 < log_cap(n):
+            if not self.fell_back_to_min:
+                self.fell_back_to_min = True
+                warnings.warn(f"memory_budget={self.budget.bytes:.0f} bytes is less than the fewest states this solve "
+                              f"can keep ({log_cap(n)} states of {self.restart_bytes} bytes after {n} steps): running "
+                              "at memory_budget='min' instead", RuntimeWarning, stacklevel=2)
+            return log_cap(n)
+        return slots // 2
+
+    def backward_snapshots(self, num_steps: int, num_kept: int) -> int:
+        """How many restart points one segment's reversal may hold in the backward pass, its start included."""
+        if self.budget.is_minimal or self.fell_back_to_min:
+            return log_cap(num_steps)
+        if self.thinning is None:  # every state kept: nothing to recompute
+            return 1
+        return max(int(self.budget.bytes // self.restart_bytes) - num_kept, log_cap(num_steps))
+
+    # -- states -------------------------------------------------------------------------------------------
+    def admit_state(self, n: int, final: bool = False) -> list[int]:
+        """The state ``y_n`` arrives (``final``: the end of the solve, always kept). Returns the positions whose states
+        are dropped now (``n`` itself when it is not kept)."""
+        self.states_seen += 1
+        dropped = [] if self.thinning is None or final else self.thinning.admit(n)
+        self.state_bytes += self.restart_bytes * (1 - len(dropped))
+        if self.thinned:  # below one state per step: nothing else is kept
+            self._evict_all()
+        while self.spent > self.limit and (self._graph_steps or self._input_steps):
+            self._evict_oldest()
+        return dropped
+
+    # -- stage inputs and graphs ----------------------------------------------------------------------------
     def may_build_graphs(self) -> bool:
         """Before an attempt: whether to evaluate its stages with graphs (if the last step's graphs and this step's
         stage inputs would fit; a first attempt measures)."""
-        if not self.budget.graphs or self.budget.is_minimal:
+        if not self.budget.graphs or self.thinned:
             return False
         estimate = self.step_graph_bytes or 0
-        return self.spent + self.stage_input_bytes + estimate <= self.budget.bytes
+        return self.spent + self.stage_input_bytes + estimate <= self.limit
 
     def graphs_fit(self, nbytes: int) -> bool:
         """During an attempt: whether graphs of ``nbytes`` (and this step's stage inputs) still fit."""
-        return self.spent + self.stage_input_bytes + nbytes <= self.budget.bytes
+        return self.spent + self.stage_input_bytes + nbytes <= self.limit
 
-    def keep_stage_inputs(self) -> bool:
+    def keep_stage_inputs(self, step: int) -> bool:
         """At an accepted step: reserve its stage inputs, evicting earlier steps' graphs if needed."""
-        while self.spent + self.stage_input_bytes > self.budget.bytes and self._graph_steps:
-            self._evict(self._graph_steps.pop(0))
-        if self.spent + self.stage_input_bytes > self.budget.bytes:
+        if not self.budget.stage_inputs or self.thinned:
             return False
-        self.spent += self.stage_input_bytes
+        while self.spent + self.stage_input_bytes > self.limit and self._graph_steps:
+            self._evict_graphs(self._graph_steps.popleft())
+        if self.spent + self.stage_input_bytes > self.limit:
+            return False
+        self.input_bytes += self.stage_input_bytes
+        self._input_steps.append(step)
         return True
 
     def keep_graphs(self, graphs: list[KeptGraph]) -> bool:
         """At an accepted step (whose stage inputs are kept): keep its graphs if they fit."""
         nbytes = sum(g.nbytes for g in graphs)
         self.step_graph_bytes = nbytes
-        if not graphs or self.spent + nbytes > self.budget.bytes:
+        if not graphs or self.spent + nbytes > self.limit:
             return False
-        self.spent += nbytes
+        self.graph_bytes += nbytes
         self._graph_steps.append(graphs)
         return True
 
-    def _evict(self, graphs: list[KeptGraph]) -> None:
+    def _evict_oldest(self) -> None:
+        if self._graph_steps:
+            self._evict_graphs(self._graph_steps.popleft())
+        else:
+            self._evict_inputs(self._input_steps.popleft())
+            self.input_bytes -= self.stage_input_bytes
+
+    def _evict_all(self) -> None:
+        while self._graph_steps or self._input_steps:
+            self._evict_oldest()
+
+    def _evict_graphs(self, graphs: list[KeptGraph]) -> None:
         for g in graphs:
             g.drop()
-        self.spent -= sum(g.nbytes for g in graphs)
+        self.graph_bytes -= sum(g.nbytes for g in graphs)
 
 
 class SavedBytesMeter:

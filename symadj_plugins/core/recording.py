@@ -2,12 +2,15 @@
 
 An adapter listens to its host's solver and tells a :class:`StageKeeper` when a step is attempted, routes the
 attempt's stage evaluations of ``f`` through :meth:`StageKeeper.evaluate`, and says whether the attempt was accepted.
-The keeper notes, per accepted step, within the memory budget (``core.budget``):
+The adapter also hands it each accepted step's state (:meth:`StageKeeper.add_state`). The keeper notes, per accepted
+step, within the memory budget (``core.budget``):
 
 - the random-number state each stage evaluation started from, where it drew random numbers (``core.replay``);
-- the stage inputs ``Y_i`` (level 1 of the budget);
-- the graphs of the stage evaluations, built by evaluating ``f`` with grad on a detached copy of the stage input
-  (level 2). The solver gets the detached value: the same numbers as an evaluation without grad.
+- the state and what the host needs to restart the step from it, unless the budget thins the states
+  (``core.checkpointing``);
+- the stage inputs ``Y_i``;
+- the graphs of the stage evaluations, built by evaluating ``f`` with grad on a detached copy of the stage input.
+  The solver gets the detached value: the same numbers as an evaluation without grad.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class FirstStage:
     """How an attempt's first stage was obtained when the host carries it in (first same as last, or an evaluation
     before the step): the stage input, its graph if the forward pass kept one, and the random state it drew from."""
 
-    value_input: torch.Tensor
+    input: torch.Tensor
     graph: KeptGraph | None = None
     rng: RngState | None = None
 
@@ -42,17 +45,25 @@ class StageKeeper:
         state: the initial state (its size, dtype and device).
         num_stages: ``s``.
         params: the parameters differentiated (excluded from graph byte counts: they are alive anyway).
+        restart_states: how many state-sized tensors the host needs to restart a step (the state, and a carried
+            first stage or torchdyn's ``k1`` where the host needs them to recompute a state bit for bit).
 
-    After the solve, per accepted step ``n``: ``stage_rng[n]`` (``s`` entries), ``stage_inputs[n]`` (``s`` tensors or
+    After the solve, per state ``n`` (``N + 1`` of them): ``states[n]``, ``carried[n]``, ``extra[n]`` (``None`` where
+    not kept); per accepted step ``n``: ``stage_rng[n]`` (``s`` entries), ``stage_inputs[n]`` (``s`` tensors or
     ``None``), ``stage_graphs[n]`` (``s`` entries, each a :class:`KeptGraph` or ``None``, or ``None`` for the step).
     """
 
-    def __init__(self, budget: MemoryBudget, state: torch.Tensor, num_stages: int, params: Sequence[torch.Tensor]):
+    def __init__(self, budget: MemoryBudget, state: torch.Tensor, num_stages: int, params: Sequence[torch.Tensor],
+                 restart_states: int = 1):
         self.num_stages = num_stages
         self.params = tuple(params)
         self.randomness = RandomnessWatch(state.device)
-        self.ledger = BudgetLedger(budget, num_stages * state.numel() * state.element_size())
-        self.keeps_inputs = not budget.is_minimal
+        state_bytes = state.numel() * state.element_size()
+        self.ledger = BudgetLedger(budget, restart_states * state_bytes, (num_stages - 1) * state_bytes,
+                                   self._evict_inputs)
+        self.states: list[torch.Tensor | None] = []
+        self.carried: list[torch.Tensor | None] = []
+        self.extra: list[torch.Tensor | None] = []
         self.stage_rng: list[list[RngState | None]] = []
         self.stage_inputs: list[list[torch.Tensor] | None] = []
         self.stage_graphs: list[list[KeptGraph | None] | None] = []
@@ -66,6 +77,35 @@ class StageKeeper:
         self._measured_count = 0  # evaluations whose graph bytes were measured
         self._largest_measured = 0  # the largest of them
         self._largest_stage_bytes: int | None = None  # set once a full step's worth has been measured
+
+    # -- states -----------------------------------------------------------------------------------------------
+    @property
+    def may_thin(self) -> bool:
+        """Whether the budget may drop states (then the host's restart data must be handed in with each state)."""
+        return self.ledger.thinning is not None
+
+    def add_state(self, state: torch.Tensor, carried: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                  final: bool = False) -> None:
+        """The next state ``y_n`` of the solve (``final``: ``y_N``, always kept), with the host's restart data there:
+        ``carried``, the first stage it carries into step ``n`` (see ``Trajectory.carried``), and ``extra``, what else
+        its step needs to be recomputed bit for bit (kept only where states may be dropped)."""
+        self.states.append(state)
+        self.carried.append(carried)
+        self.extra.append(extra if self.may_thin else None)
+        for m in self.ledger.admit_state(len(self.states) - 1, final):
+            self.states[m] = self.carried[m] = self.extra[m] = None
+
+    def kept_states(self) -> tuple[list, list, list | None, int]:
+        """After the solve (every state added, the final one last): ``(states, carried, extra, snapshots)`` for the
+        :class:`~symadj_plugins.core.trajectory.Trajectory` (``carried`` and ``extra`` per step)."""
+        num_steps = len(self.states) - 1
+        extra = self.extra[:num_steps] if any(e is not None for e in self.extra[:num_steps]) else None
+        num_kept = sum(state is not None for state in self.states)
+        return self.states, self.carried[:num_steps], extra, self.ledger.backward_snapshots(num_steps, num_kept)
+
+    def _evict_inputs(self, step: int) -> None:
+        self.stage_inputs[step] = None
+        self.stage_graphs[step] = None
 
     @property
     def drew_random_numbers(self) -> bool:
@@ -91,8 +131,13 @@ class StageKeeper:
         self._calls_left -= 1
         self._inputs.append(y)
         if not self._building:
-            value, rng = self.randomness.call(fn, t, y, **kwargs)
-        elif math.isinf(self.ledger.budget.bytes):  # no limit: nothing to measure
+            if self.ledger.budget.measures_graphs and self.ledger.eval_graph_bytes is None:
+                leaf = y.detach().requires_grad_(True)
+                out, rng, _ = self._evaluate_measured(fn, t, leaf, **kwargs)  # the graph is dropped with out
+                value = out.detach()
+            else:
+                value, rng = self.randomness.call(fn, t, y, **kwargs)
+        elif math.isinf(self.ledger.limit):  # no limit: nothing to measure
             leaf = y.detach().requires_grad_(True)
             with torch.enable_grad():
                 out, rng = self.randomness.call(fn, t, leaf, **kwargs)
@@ -123,6 +168,8 @@ class StageKeeper:
             out, rng = self.randomness.call(fn, t, leaf, **kwargs)
         self._measured_count += 1
         self._largest_measured = max(self._largest_measured, meter.bytes)
+        if self.ledger.eval_graph_bytes is None:
+            self.ledger.eval_graph_bytes = meter.bytes
         if self._measured_count >= self.num_stages:  # a full step measured: from now on one evaluation per attempt
             self._largest_stage_bytes = self._largest_measured
         return out, rng, self._largest_measured
@@ -136,11 +183,11 @@ class StageKeeper:
             self._stop_building()
             return
         first = self._first
-        inputs = ([first.value_input] if first is not None else []) + self._inputs
+        inputs = ([first.input] if first is not None else []) + self._inputs
         rng = ([first.rng] if first is not None else []) + self._rng
         self.stage_rng.append(rng)
         self.randomness.settle()  # a whole step evaluated: stop watching each evaluation if none drew
-        kept_inputs = self.keeps_inputs and len(inputs) == self.num_stages and self.ledger.keep_stage_inputs()
+        kept_inputs = len(inputs) == self.num_stages and self.ledger.keep_stage_inputs(len(self.stage_inputs))
         self.stage_inputs.append(inputs if kept_inputs else None)
         graphs = None
         if kept_inputs and self._building and len(self._graphs) == len(self._inputs) \
@@ -154,15 +201,13 @@ class StageKeeper:
         self.stage_graphs.append(graphs)
         self._graphs = []
 
-    def last_stage(self) -> FirstStage | None:
-        """The last accepted step's last stage (input, graph, random state): the next step's first stage for a
-        first-same-as-last method."""
+    def first_same_as_last(self, state: torch.Tensor) -> FirstStage | None:
+        """The next step's first stage for a first-same-as-last method, from ``state``: the last accepted step's last
+        evaluation (its graph if kept, its random state); ``None`` before the first step."""
         if not self.stage_rng:
             return None
         graphs = self.stage_graphs[-1]
-        inputs = self.stage_inputs[-1]
-        value_input = inputs[-1] if inputs is not None else None
-        return FirstStage(value_input, graphs[-1] if graphs is not None else None, self.stage_rng[-1][-1])
+        return FirstStage(state, graphs[-1] if graphs is not None else None, self.stage_rng[-1][-1])
 
     def _stop_building(self) -> None:
         for g in self._graphs:
@@ -173,7 +218,7 @@ class StageKeeper:
     # -- after the solve --------------------------------------------------------------------------------------
     def results(self) -> tuple[list | None, list | None, list | None]:
         """``(stage_inputs, stage_graphs, stage_rng)`` for the :class:`~symadj_plugins.core.trajectory.Trajectory`,
-        each ``None`` where no step kept anything of that kind."""
+        each ``None`` where no step kept anything of that kind (the states: :attr:`states` and the like)."""
         self.randomness.verify()
         inputs = self.stage_inputs if any(x is not None for x in self.stage_inputs) else None
         graphs = self.stage_graphs if any(g is not None for g in self.stage_graphs) else None

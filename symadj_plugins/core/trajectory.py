@@ -36,11 +36,14 @@ class Trajectory:
     """Accepted steps of a solve, in the host library's normalised (increasing-time) coordinates.
 
     Attributes:
-        states: ``N + 1`` tensors ``y_0 ... y_N``, each shaped like the state.
+        states: ``N + 1`` entries ``y_0 ... y_N``, each shaped like the state, or ``None`` for a state the memory
+            budget did not keep (recomputed in the backward pass: ``core.checkpointing``); ``y_0`` and ``y_N`` are
+            always kept.
         t0, t1, dt: ``(N,)`` tensors: start, end and size of each accepted step, in the host's time dtype
             (``dt`` is the size the host used, which need not equal ``t1 - t0`` to the last bit).
         carried: per step, the first-stage value ``k_1`` when the host carried it over from the previous
-            step's last stage instead of evaluating ``f`` at ``(t_n, y_n)``; ``None`` otherwise.
+            step's last stage instead of evaluating ``f`` at ``(t_n, y_n)``; ``None`` otherwise (and where the
+            state was not kept: then the recomputation gives it back).
         outputs_in_step: step index -> indices of the requested output times the host produced inside
             that step (by dense output). Output 0 is ``y_0`` itself and belongs to no step.
         host_data: the adapter's own record of the solve (a dataclass the adapter defines, or ``None``);
@@ -53,6 +56,10 @@ class Trajectory:
             the graphs are consumed (freed) as the backward pass uses them.
         stage_rng: optionally, per step, per stage, the random-number state the forward evaluation of that
             stage started from, where it drew random numbers (``None`` where it drew none).
+        restart_extra: optionally, per step, what else the host needs to recompute the step from its kept state
+            (``Restart.extra``: torchdyn's ``k1``), ``None`` where not kept.
+        snapshots: how many restart points the backward pass may hold while it reverses the steps between two kept
+            states (``core.checkpointing.reversed_states``).
     """
 
     states: list[torch.Tensor]
@@ -64,6 +71,8 @@ class Trajectory:
     host_data: Any = None
     stage_inputs: list[list[torch.Tensor] | None] | None = None
     stage_rng: list[list[RngState | None]] | None = None
+    restart_extra: list[torch.Tensor | None] | None = None
+    snapshots: int = 1
     stage_graphs: list[list[KeptGraph | None] | None] | None = field(default=None, metadata={"packed": False})
 
     @property

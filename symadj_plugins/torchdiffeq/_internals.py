@@ -19,13 +19,13 @@ from torchdiffeq._impl.adjoint import find_parameters
 from torchdiffeq._impl.interp import _interp_evaluate
 from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
 
 from ..core import ButcherTableau
 
 __all__ = ["SOLVERS", "Perturb", "RKAdaptiveStepsizeODESolver", "TESTED_VERSIONS", "_adaptive_tableau",
            "_check_inputs", "_check_torchdiffeq", "_fixed_grid", "_flat_to_shape", "_interp_evaluate", "_modules",
-           "find_parameters", "perturb_base", "perturbed_time"]
+           "_runge_kutta_step", "find_parameters", "perturb_base", "perturbed_time"]
 
 TESTED_VERSIONS = "0.2.4 and 0.2.5"
 

@@ -62,12 +62,9 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
     outputs), the formula ``torchdiffeq.odeint_adjoint`` uses.
 
     ``memory_budget`` (or ``adjoint=SymplecticAdjoint(memory_budget=...)``, or a ``symadj_plugins.options(...)``
-    block) trades memory for speed; the gradient is the same at every budget, to rounding. The default,
-    ``"stages"``, keeps the stage inputs of every accepted step (``s`` states per step) so that the backward pass
-    does not recompute them; ``"min"`` (or ``0``) keeps one state per step; a number of bytes (``"256MiB"``) also
-    keeps the graphs of the stage evaluations of as many steps as fit (those steps then cost what backprop costs);
-    ``"max"`` keeps everything. ``store_stages=True``/``False`` is the older spelling of ``"stages"``/``"min"``.
-    See :class:`symadj_plugins.SymplecticAdjoint`.
+    block) bounds the bytes the solve keeps for the backward pass; the gradient is the same at every budget, to
+    rounding. ``store_stages=True``/``False`` is the older spelling of ``"stages"``/``"trajectory"``. The levels and
+    what each keeps: :class:`symadj_plugins.SymplecticAdjoint`.
 
     torchdiffeq's backward-pass hooks ``func.callback_step_adjoint``, ``callback_accept_step_adjoint`` and
     ``callback_reject_step_adjoint`` are never called here: they belong to the continuous adjoint's backward ODE
@@ -190,7 +187,7 @@ def _memory_budget(memory_budget: Any, adjoint: SymplecticAdjoint | None, store_
             raise TypeError(f"adjoint must be a symadj_plugins.SymplecticAdjoint, got {type(adjoint).__name__}")
         return adjoint.budget
     if store_stages is not None:
-        return MemoryBudget.parse("stages" if store_stages else "min")
+        return MemoryBudget.parse("stages" if store_stages else "trajectory")
     if memory_budget is not None:
         return MemoryBudget.parse(memory_budget)
     return current_options().budget

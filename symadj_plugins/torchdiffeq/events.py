@@ -4,7 +4,6 @@ gradient of the event state w.r.t. ``t[0]`` through the last step's dense output
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -123,7 +122,7 @@ def _odeint_until_event(host: _TorchdiffeqHost, y0: torch.Tensor, t: torch.Tenso
         # odeint_event's rerouting of the event time needs): see _TorchdiffeqHost.time_shift.
         host.time_shift = t[0] - t[0].detach()
         # The forward pass's graphs of f do not see the shift: those steps replay instead.
-        host.memory_budget = dataclasses.replace(host.memory_budget, graphs=False)
+        host.memory_budget = host.memory_budget.without_graphs()
         params, t_core = (*params, host.time_shift), t.detach()
     solution = odeint_symplectic(host, y0, t_core, params)
     if host.event_rate is not None:

@@ -4,6 +4,8 @@ backward pass tells the core where and how torchdiffeq evaluated each stage and 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +14,7 @@ import torchdiffeq
 
 from ..core import HostSolver, StageCall, Trajectory
 from ..core.budget import MemoryBudget
+from ..core.checkpointing import Restart
 from ..core.recording import StageKeeper
 from ._internals import (
     SOLVERS,
@@ -19,6 +22,7 @@ from ._internals import (
     RKAdaptiveStepsizeODESolver,
     _adaptive_tableau,
     _interp_evaluate,
+    _runge_kutta_step,
     perturb_base,
     perturbed_time,
 )
@@ -50,7 +54,7 @@ class _TorchdiffeqHost(HostSolver):
         self._perturb_base = perturb_base(func)  # what _PerturbFunc calls (the replay calls it directly)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
         # What the forward pass keeps for the backward pass (core.budget); store_stages is the older switch.
-        self.memory_budget = memory_budget or MemoryBudget.parse("stages" if store_stages else "min")
+        self.memory_budget = memory_budget or MemoryBudget.parse("stages" if store_stages else "trajectory")
         self.params = tuple(params)  # differentiated: alive anyway, so not counted as graph bytes
         # Event mode (torchdiffeq's normalised event_fn): solve until it changes sign; `solve` sets
         # `event_t` (normalised time) and `num_steps`.
@@ -87,7 +91,9 @@ class _TorchdiffeqHost(HostSolver):
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
         # A last stage evaluated at (t_{n+1}⁻, y_{n+1}) can be re-evaluated; any other must be stored.
         carried_last_stage = self.adaptive and not self.tableau.fsal
-        keeper = StageKeeper(self.memory_budget, y0, self.tableau.num_stages, self.params)
+        # A step restarts from its state, and from the stage it carries in where its first stage is carried.
+        keeper = StageKeeper(self.memory_budget, y0, self.tableau.num_stages, self.params,
+                             restart_states=2 if carried_last_stage else 1)
         recorder = _TorchdiffeqStepRecorder(self.func, self.adaptive, carried_last_stage, keeper)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
@@ -98,15 +104,16 @@ class _TorchdiffeqHost(HostSolver):
 
         time_dtype = recorder.t0[0].dtype if recorder.t0 else t.dtype
         t0, t1, dt = self._step_times(recorder, final_t1, time_dtype, y0.device)
-        states = [*recorder.states, final_y] if recorder.states else [y0]
         outputs_in_step = self._outputs_in_step(t1, t, time_dtype)
 
         recorder.finish()
+        keeper.add_state(final_y if recorder.t0 else y0, final=True)
+        states, carried, _, snapshots = keeper.kept_states()
         stage_inputs, stage_graphs, stage_rng = keeper.results()
         self._check_stages(keeper, len(states) - 1)
         host_data = _TorchdiffeqSteps(recorder.starts, self._stage_times(t0, t1, dt, y0))
-        trajectory = Trajectory(states, t0, t1, dt, recorder.carried, outputs_in_step, host_data,
-                                stage_inputs=stage_inputs, stage_graphs=stage_graphs, stage_rng=stage_rng)
+        trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs=stage_inputs,
+                                stage_graphs=stage_graphs, stage_rng=stage_rng, snapshots=snapshots)
         return solution, trajectory
 
     def _integrate(self, solver: Any, recorder: _TorchdiffeqStepRecorder, t: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -215,6 +222,32 @@ class _TorchdiffeqHost(HostSolver):
         for i, c in enumerate(self.tableau.c[1:], start=1):
             calls.append(StageCall(times[i], (("perturb", Perturb.PREV if c == 1.0 else Perturb.NONE),)))
         return calls
+
+    def advance(self, trajectory: Trajectory, n: int, restart: Restart,
+                replaying: Callable[[int, int], contextlib.AbstractContextManager]) -> Restart:
+        """Step ``n`` again with torchdiffeq's own step (``_runge_kutta_step``, or the fixed-grid solver's
+        ``_step_func``), at the recorded ``t0``, ``dt``, ``t1`` and with the same perturbation flags: ``y_{n+1}`` equal
+        to the forward pass's bit for bit."""
+        stage = itertools.count(1 if self.adaptive else 0)
+
+        def func(t, y, perturb=Perturb.NONE):
+            with replaying(n, next(stage)):
+                return self.func(t, y, perturb=perturb)
+
+        t0, t1, dt, y0 = trajectory.t0[n], trajectory.t1[n], trajectory.dt[n], restart.state
+        if not self.adaptive:
+            # integrate_until_event steps by the step size as given (a Python float), integrate by grid differences.
+            step = self.solver.step_size if self.event_fn is not None else dt
+            dy, _ = self.solver._step_func(func, t0, step, t1, y0)
+            return Restart(y0 + dy)
+        f0 = restart.carried
+        if f0 is None:  # evaluated at the start of the step, as the forward pass did (its time and flag)
+            first = self.stage_calls(trajectory, n)[0]
+            with replaying(n, 0):
+                f0 = self.func(first.t, y0, **dict(first.kwargs))
+        y1, f1, _, _ = _runge_kutta_step(func, y0, f0, t0, dt, t1, tableau=self.solver.tableau)
+        carries = n + 1 < trajectory.num_steps and trajectory.host_data.starts[n + 1] == _START_CARRIED
+        return Restart(y1, carried=f1 if carries else None)
 
     def _shifted(self, t: torch.Tensor) -> torch.Tensor:
         # t + 0 is t bit for bit: the shift only carries the derivative w.r.t. t_0.

@@ -43,9 +43,7 @@ class _TorchdiffeqStepRecorder:
         self.solver: Any = None
         self.t0: list[torch.Tensor] = []
         self.dt: list[torch.Tensor] = []
-        self.states: list[torch.Tensor] = []
-        self.starts: list[str] = []
-        self.carried: list[torch.Tensor | None] = []
+        self.starts: list[str] = []  # the states (and carried stages) go to the keeper, which thins them
         self._jumped = False
         self._checked = False
         self._first_rng: RngState | None = None  # f(t_0, y_0), an adaptive solve's first call
@@ -86,14 +84,13 @@ class _TorchdiffeqStepRecorder:
 
     def _first_stage(self, y0: torch.Tensor) -> FirstStage:
         """How an adaptive attempt's k_1 was obtained (see the ``_START_*`` kinds)."""
-        if not self.states:
+        if not self.t0:
             return FirstStage(y0, rng=self._first_rng)
         if self._jumped:
             return FirstStage(y0, rng=self._jump_rng)
         if self.carried_last_stage:
             return FirstStage(y0)  # stored, never evaluated again
-        last = self.keeper.last_stage()  # first same as last: the previous step's last evaluation
-        return FirstStage(y0, last.graph, last.rng)
+        return self.keeper.first_same_as_last(y0)  # the previous step's last evaluation
 
     def finish(self) -> None:
         """After the solve: a fixed-grid step in progress is over."""
@@ -103,7 +100,7 @@ class _TorchdiffeqStepRecorder:
         if self.adaptive:
             self.keeper.finish_attempt(accepted=True)
             carried = None
-            if not self.states:
+            if not self.t0:
                 start = _START_INITIAL
             elif self._jumped:  # adaptive solvers call f with Perturb.NEXT only after a jump_t
                 start = _START_JUMP
@@ -122,9 +119,8 @@ class _TorchdiffeqStepRecorder:
     def _record(self, t0, y0, dt, start, carried):
         self.t0.append(t0)
         self.dt.append(dt)
-        self.states.append(y0)
         self.starts.append(start)
-        self.carried.append(carried)
+        self.keeper.add_state(y0, carried)
 
 
 def _check_func_output(out: Any, y: torch.Tensor) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..core import ButcherTableau, HostSolver, StageCall, Trajectory
 from ..core.budget import MemoryBudget
+from ..core.checkpointing import Restart
 from ..core.recording import StageKeeper
 from ..core.replay import RngState
 from ._internals import _problems, _tableau_of
@@ -39,7 +41,7 @@ class _TorchdynHost(HostSolver):
         if self.integral_loss is not None:  # the accumulator's stored values are placeholders: not replay-checked
             self.checked_entries = slice(0, -1)
             # The forward pass's graphs of f are graphs of x alone, not of the state with the accumulator.
-            memory_budget = dataclasses.replace(memory_budget, graphs=False)
+            memory_budget = memory_budget.without_graphs()
         self.memory_budget = memory_budget
         self.t_span, self.save_at, self.args = t_span, save_at, args
         self.x_shape, self.state_dtype = x.shape, x.dtype
@@ -60,8 +62,9 @@ class _TorchdynHost(HostSolver):
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
         x, self.x = self.x, None
         recorder, solution = self._record(x)
-        steps, final_state = recorder.steps, recorder.final_state
-        _check_states(x, [*(step.x for step in steps), final_state])
+        steps = recorder.steps
+        states, carried, extra, snapshots = recorder.keeper.kept_states()
+        _check_states(x, [state for state in states if state is not None])
         stage_times, stage_dtypes, self.time_shape = _stage_times(steps, self.tableau.num_stages,
                                                                   type(self.solver).__name__)
         # Each step's (t, t + dt, dt) as torchdyn computed them (their dtypes can differ from step to step).
@@ -70,11 +73,9 @@ class _TorchdynHost(HostSolver):
 
         if self.adaptive:
             points = self.t_core[1:len(self.t_span)].tolist()
-            states, outputs_in_step, self.slots = _adaptive_outputs(solution, steps, final_state, t1, points,
-                                                                    self.interpolator is not None)
+            outputs_in_step, self.slots = _adaptive_outputs(solution, states, t1, points, self.interpolator is not None)
         else:
-            states, outputs_in_step, self.slots = _fixed_outputs(self.t_eval, solution, steps, final_state)
-        carried = [step.k1 for step in steps]
+            outputs_in_step, self.slots = _fixed_outputs(self.t_eval, solution, steps, states)
         if self.integral_loss is not None:
             solution, states = _augment(solution, states, outputs_in_step, self.slots, self.adaptive)
             carried = [None if k is None else _with_accumulator(k) for k in carried]
@@ -87,14 +88,17 @@ class _TorchdynHost(HostSolver):
             stage_inputs = [None if inputs is None else [_with_accumulator(v) for v in inputs]
                             for inputs in stage_inputs]
         trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs=stage_inputs,
-                                stage_graphs=stage_graphs, stage_rng=stage_rng)
+                                stage_graphs=stage_graphs, stage_rng=stage_rng, restart_extra=extra,
+                                snapshots=snapshots)
         return solution, trajectory
 
     def _record(self, x: torch.Tensor) -> tuple[_TorchdynStepRecorder, torch.Tensor]:
         """torchdyn's own solve from ``x``, recorded: returns the recorder and torchdyn's ``sol``; sets ``f``,
         ``t_eval``, ``solver`` and ``tableau``."""
         problem = self.problem
-        keeper = StageKeeper(self.memory_budget, x, _tableau_of(self.solver).num_stages, self.params)
+        # An adaptive step restarts from its state and the k1 torchdyn passed it (first same as last).
+        keeper = StageKeeper(self.memory_budget, x, _tableau_of(self.solver).num_stages, self.params,
+                             restart_states=2 if self.adaptive else 1)
         with _TorchdynStepRecorder(self.solver, keeper, start_rng=RngState.capture(x.device)) as recorder:
             self.t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, recorder.solver, problem.atol,
                                                      problem.rtol, interpolator=problem.interpolator,
@@ -125,15 +129,12 @@ class _TorchdynHost(HostSolver):
         times, dtypes = trajectory.host_data.stage_times[n], trajectory.host_data.stage_dtypes[n]
         calls: list[StageCall | None] = [StageCall(times[i].reshape(self.time_shape).to(dtype))
                                          for i, dtype in enumerate(dtypes)]
-        if trajectory.carried[n] is not None:
+        if n - 1 in trajectory.host_data.rounded_coefficients:  # k1 carried in from a step that rounded (recording)
             calls[0] = None
         return calls
 
     def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
-        current = [getattr(module, name) for module, name, _ in self.module_state]
-        for module, name, value in self.module_state:
-            setattr(module, name, value)
-        try:
+        with self._module_state_restored():
             if self.integral_loss is None:
                 return self.f(t, y)
             x = y[:-1].view(self.x_shape)
@@ -142,9 +143,38 @@ class _TorchdynHost(HostSolver):
             # column the vector field returns (DEFunc's integral loss under 'autograd').
             dq = self.integral_loss(-t if self.reversed else t, x).sum().reshape(1).to(dx.dtype)
             return torch.cat([dx.reshape(-1), -dq if self.reversed else dq])
+
+    @contextlib.contextmanager
+    def _module_state_restored(self) -> Iterator[None]:
+        """Runs the block with the module attributes the forward solve saw (see :func:`_module_state`)."""
+        current = [getattr(module, name) for module, name, _ in self.module_state]
+        for module, name, value in self.module_state:
+            setattr(module, name, value)
+        try:
+            yield
         finally:
             for (module, name, _), value in zip(self.module_state, current):
                 setattr(module, name, value)
+
+    def advance(self, trajectory: Trajectory, n: int, restart: Restart,
+                replaying: Callable[[int, int], contextlib.AbstractContextManager]) -> Restart:
+        """Step ``n`` again with torchdyn's own ``solver.step`` at the recorded ``t`` and ``dt``, from the state and the
+        ``k1`` torchdyn passed it: ``x_{n+1}`` equal to the forward pass's bit for bit (the accumulator of an integral
+        loss is a placeholder, see :func:`.outputs._augment`)."""
+        k1 = restart.extra
+        stage = itertools.count(0 if k1 is None else 1)
+
+        def f(t_, x_):
+            with replaying(n, next(stage)), self._module_state_restored():
+                return self.f(t_, x_)
+
+        x = restart.state if self.integral_loss is None else restart.state[:-1].view(self.x_shape)
+        t, _, dt = trajectory.host_data.step_times[n]
+        k1_next, x_new, *_ = self.solver.step(f, x, t, dt, k1=k1, args=self.args)
+        carried = k1_next if n in trajectory.host_data.rounded_coefficients else None
+        if self.integral_loss is not None:
+            x_new, carried = _with_accumulator(x_new), None if carried is None else _with_accumulator(carried)
+        return Restart(x_new, carried=carried, extra=k1_next if self.adaptive else None)
 
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:

@@ -35,30 +35,30 @@ class _Slots:
     final: int = -1
 
 
-def _fixed_outputs(save_at: torch.Tensor, sol: torch.Tensor, steps: Sequence[_Step], final_state: torch.Tensor,
-                   ) -> tuple[list[torch.Tensor], dict[int, list[int]], _Slots]:
-    """``(states, outputs_in_step, slots)`` of a fixed-step solve that returned ``sol`` (``(rows, *x.shape)``):
-    the ``N + 1`` states, the slots each step outputs, and which slots torchdyn returns."""
+def _fixed_outputs(save_at: torch.Tensor, sol: torch.Tensor, steps: Sequence[_Step],
+                   all_states: list[torch.Tensor | None]) -> tuple[dict[int, list[int]], _Slots]:
+    """``(outputs_in_step, slots)`` of a fixed-step solve that returned ``sol`` (``(rows, *x.shape)``) and whose
+    ``N + 1`` states are ``all_states`` (``None`` where not kept): the slots each step outputs, and which slots
+    torchdyn returns."""
     # _fixed_odeint: save the state at step end t iff torch.isclose(t, save_at).sum(); it returns save_at.
     ends = [steps[0].t, *(step.t + step.dt for step in steps)]
     rows = [n for n, end in enumerate(ends) if torch.isclose(end, save_at).sum()]
-    all_states = [*(step.x for step in steps), final_state]
-    if len(rows) != len(sol) or any(not torch.equal(sol[i], all_states[n]) for i, n in enumerate(rows)):
+    if len(rows) != len(sol) or any(all_states[n] is not None and not torch.equal(sol[i], all_states[n])
+                                    for i, n in enumerate(rows)):
         raise _internals_error("the rows _fixed_odeint returned are not the step ends matching save_at")
     outputs_in_step = {n - 1: [n] for n in rows if n > 0}
     # The trajectory keeps every state as recorded, not views of torchdyn's solution: the caller may write into
     # the solution before backward(), as with backprop.
     if rows != list(range(len(all_states))):  # only some step ends returned: the core returns those rows
-        return all_states, outputs_in_step, _Slots(user=rows, returned=rows)
-    return all_states, outputs_in_step, _Slots(user=rows)
+        return outputs_in_step, _Slots(user=rows, returned=rows)
+    return outputs_in_step, _Slots(user=rows)
 
 
-def _adaptive_outputs(sol: torch.Tensor, steps: Sequence[_Step], final_state: torch.Tensor, t1: torch.Tensor,
-                      points: Sequence[float], interpolates: bool,
-                      ) -> tuple[list[torch.Tensor], dict[int, list[int]], _Slots]:
-    """``(states, outputs_in_step, slots)`` of an adaptive solve that returned ``sol`` (``(len(points) + 1,
-    *x.shape)``), given the step ends ``t1`` (``(N,)``) and the ``t_span`` points after the first, normalised
-    (``points``); ``interpolates``: whether torchdyn used an interpolator."""
+def _adaptive_outputs(sol: torch.Tensor, states: list[torch.Tensor | None], t1: torch.Tensor,
+                      points: Sequence[float], interpolates: bool) -> tuple[dict[int, list[int]], _Slots]:
+    """``(outputs_in_step, slots)`` of an adaptive solve that returned ``sol`` (``(len(points) + 1, *x.shape)``),
+    given its ``N + 1`` states (``None`` where not kept), the step ends ``t1`` (``(N,)``) and the ``t_span`` points
+    after the first, normalised (``points``); ``interpolates``: whether torchdyn used an interpolator."""
     # _adaptive_odeint, on each accepted step [t, t + dt], for the next unreached t_span point p:
     # with an interpolator, interpolate every p < t + dt; then output x_new if t + dt == p.
     ends = t1.tolist()
@@ -74,10 +74,10 @@ def _adaptive_outputs(sol: torch.Tensor, steps: Sequence[_Step], final_state: to
             outputs_in_step.setdefault(n, []).append(c + 1)
             endpoint_rows.append((c + 1, n))
             c += 1
-    states = [*(step.x for step in steps), final_state]
-    if len(sol) != c + 1 or any(not torch.equal(sol[j], states[n + 1]) for j, n in endpoint_rows):
+    if len(sol) != c + 1 or any(states[n + 1] is not None and not torch.equal(sol[j], states[n + 1])
+                                for j, n in endpoint_rows):
         raise _internals_error("the rows _adaptive_odeint returned do not match its accepted steps")
-    return states, outputs_in_step, _Slots(user=list(range(len(sol))))
+    return outputs_in_step, _Slots(user=list(range(len(sol))))
 
 
 def _with_accumulator(v: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def _augment(solution: torch.Tensor, states: list[torch.Tensor], outputs_in_step
     the final state's row added where torchdyn's rows lack it) and the states (``(D + 1,)`` each); sets
     ``slots.final`` (and ``slots.returned``) and adds the final slot to the last step's outputs. The accumulator's
     values are never read (nothing depends on ``q``), so they are stored as zeros; only its cotangent matters."""
-    states = [_with_accumulator(v) for v in states]
+    states = [None if v is None else _with_accumulator(v) for v in states]
     num = solution.shape[0]
     solution = torch.cat([solution.reshape(num, -1), solution.new_zeros(num, 1)], dim=1)
     last_step = len(states) - 2

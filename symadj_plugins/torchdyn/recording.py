@@ -26,11 +26,11 @@ class _Step:
 
     t: torch.Tensor
     dt: torch.Tensor
-    x: torch.Tensor
+    x: torch.Tensor | None  # until the step is accepted: then the keeper holds it
     k1_given: bool
     stage_times: list[torch.Tensor]
     x_new: torch.Tensor | None = None
-    k1: torch.Tensor | None = None  # the k1 torchdyn passed, kept only where the replay must reuse it
+    k1: torch.Tensor | None = None  # the k1 torchdyn passed, until the step is accepted
 
 
 @dataclass
@@ -95,20 +95,21 @@ class _TorchdynStepRecorder:
     def _first_stage(self, x: torch.Tensor) -> FirstStage:
         """The k1 torchdyn carries in: the previous accepted step's last stage (first same as last), or for the first
         step ``f(t_0, x_0)``, the solve's first call."""
-        last = self.keeper.last_stage()
-        if last is None:
-            return FirstStage(x, rng=self.start_rng)
-        return FirstStage(x, last.graph, last.rng)
+        return self.keeper.first_same_as_last(x) or FirstStage(x, rng=self.start_rng)
 
     def _accept(self, step: _Step) -> None:
         # torchdyn carries k1 = f(t, Y_s) from the previous step's last stage (FSAL). The replay re-evaluates
         # f(t, x) instead, which is the same up to rounding unless the previous step rounded its coefficients
         # (then Y_s and x differ by more): only then is k1 kept, for the core to reuse (``Trajectory.carried``).
+        # The state goes to the keeper (which may thin the states), with the k1 torchdyn passed: recomputing the step
+        # from there needs it bit for bit.
         previous = self.steps[-1] if self.steps else None
+        given_k1 = step.k1
         if previous is None or not _rounds_coefficients(previous.dt, step.x.dtype):
             step.k1 = None
+        self.keeper.add_state(step.x, carried=step.k1, extra=given_k1)
         self.final_state = step.x_new
-        step.x_new = None
+        step.x_new = step.x = step.k1 = None
         self.steps.append(step)
 
     def finish(self) -> None:
@@ -117,6 +118,7 @@ class _TorchdynStepRecorder:
         self.keeper.finish_attempt(accepted=True)
         self._accept(self._pending)
         self._pending = None
+        self.keeper.add_state(self.final_state, final=True)
 
 
 @dataclass
