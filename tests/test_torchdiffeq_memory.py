@@ -29,9 +29,9 @@ def held_between_forward_and_backward(solve, width, depth):
     return meter.total, y0.numel() * y0.element_size(), out
 
 
-def ours(func, y0, t):  # the least memory: one state per step (the default also keeps each step's stage inputs)
+def ours(func, y0, t):  # one state per step (the paper's method; "min" keeps fewer, see test_checkpointing.py)
     return odeint_symplectic_adjoint(func, y0, t, method="rk4", options={"step_size": 1.0 / STEPS},
-                                     memory_budget="min")
+                                     memory_budget="trajectory")
 
 
 def backprop(func, y0, t):

@@ -1,0 +1,207 @@
+"""Below one state per step (``memory_budget="min"`` or a byte budget smaller than the trajectory): the forward pass
+keeps only some states, the backward pass recomputes the others with the host's own step.
+
+The claims: every recomputed state equals the forward pass's bit for bit, so the gradient at every budget equals
+``"trajectory"``'s bit for bit and backprop's through the same steps; what is held between forward and backward is
+``O(log N)`` states at ``"min"`` and within the budget otherwise; the backward pass never holds more restart points than
+the schedule allows; the schedule recomputes no more steps than the optimal binomial schedule.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+import weakref
+
+import pytest
+import torch
+import torchdiffeq
+from checkpoint_schedules import optimal_steps_binomial
+from helpers import TimeDependentField, flat_grads, loss_of, reference_options, rel_error
+
+from symadj_plugins.bench.saved import SavedTensorBytes
+from symadj_plugins.core.checkpointing import OnlineThinning, Restart, log_cap, reversed_states
+from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+
+# -- the schedule ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_steps,snapshots", [(1, 1), (7, 1), (10, 2), (128, 13), (100, 3), (1000, 11), (37, 100)])
+def test_the_reversal_visits_every_step_backwards_with_the_optimal_number_of_recomputed_steps(num_steps, snapshots):
+    advanced = []
+
+    def advance(n, restart):
+        assert int(restart.state) == n  # restarted from the right state
+        advanced.append(n)
+        return Restart(torch.tensor(n + 1))
+
+    visited = [(n, int(r.state)) for n, r in reversed_states(num_steps, {0: Restart(torch.tensor(0))}, advance,
+                                                             snapshots)]
+    assert visited == [(n, n) for n in reversed(range(num_steps))]
+    optimal = optimal_steps_binomial(num_steps, min(snapshots, num_steps - 1)) - num_steps if num_steps > 1 else 0
+    assert len(advanced) == optimal
+
+
+@pytest.mark.parametrize("snapshots", [1, 3, 6])
+def test_the_reversal_holds_at_most_its_snapshots(snapshots):
+    alive: list[weakref.ref] = []
+
+    def advance(n, restart):
+        state = torch.tensor(float(n + 1))
+        alive.append(weakref.ref(state))
+        return Restart(state)
+
+    peak = 0
+    for _, restart in reversed_states(200, {0: Restart(torch.tensor(0.0))}, advance, snapshots):
+        del restart
+        gc.collect()
+        peak = max(peak, sum(ref() is not None for ref in alive))
+    # The snapshots beyond the kept start, and the one being handed out.
+    assert peak <= snapshots
+
+
+def test_online_thinning_keeps_evenly_spaced_states_within_the_cap():
+    thinning = OnlineThinning(lambda n: 10)
+    kept = set()
+    for n in range(1001):
+        kept.add(n)
+        kept -= set(thinning.admit(n))
+    assert kept == set(thinning.kept) and 0 in kept
+    assert 5 <= len(kept) <= 10
+    assert len({b - a for a, b in zip(sorted(kept), sorted(kept)[1:])}) == 1  # evenly spaced
+
+
+def test_min_keeps_logarithmically_many_states():
+    thinning = OnlineThinning(log_cap)
+    for n in range(10_001):
+        thinning.admit(n)
+    assert len(thinning.kept) <= math.ceil(math.log2(10_002))
+
+
+# -- solves ------------------------------------------------------------------------------------------------------
+
+STEPS = 64
+BUDGETS_BELOW_TRAJECTORY = ["min", "2KiB"]
+
+
+def _solve(budget, method="rk4", options=None, t=None, field=None, seed=0):
+    torch.manual_seed(seed)
+    func = field or TimeDependentField(dim=4, width=16).double()
+    y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 2, 5, dtype=torch.float64) if t is None else t
+    options = dict(step_size=2 / STEPS) if options is None else options
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the smallest byte budget runs at "min", saying so
+        out = odeint_symplectic_adjoint(func, y0, t, method=method, options=options, rtol=1e-7, atol=1e-9,
+                                        memory_budget=budget)
+    return out, flat_grads(loss_of(out), [y0, *func.parameters()]), (func, y0, t, options)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("rk4", None), ("midpoint", dict(step_size=2 / STEPS, perturb=True)), ("euler", None),
+    ("dopri5", dict(first_step=0.05)), ("bosh3", dict(first_step=0.05)), ("fehlberg2", dict(first_step=0.05)),
+    ("adaptive_heun", dict(first_step=0.05)), ("dopri5", dict(first_step=0.05, jump_t=torch.tensor([0.7, 1.3]))),
+])
+@pytest.mark.parametrize("budget", BUDGETS_BELOW_TRAJECTORY)
+def test_recomputed_states_give_the_trajectorys_gradient(method, options, budget):
+    out_all, grads_all, _ = _solve("trajectory", method, options)
+    out, grads, _ = _solve(budget, method, options)
+    assert torch.equal(out, out_all)
+    if budget == "min":  # nothing kept but states: the same arithmetic as "trajectory", bit for bit
+        assert all(torch.equal(g, h) for g, h in zip(grads, grads_all))
+    else:  # a byte budget may also keep some steps' stage inputs: the same gradient up to rounding
+        assert rel_error(grads, grads_all) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_min_equals_backprop_through_the_same_steps(method):
+    options = None if method == "rk4" else {}
+    out, grads, (func, y0, t, options) = _solve("min", method, options)
+    options = reference_options(method, func, y0, t, 1e-7, 1e-9, options)
+    reference = torchdiffeq.odeint(func, y0, t, method=method, options=options, rtol=1e-7, atol=1e-9)
+    assert rel_error(grads, flat_grads(loss_of(reference), [y0, *func.parameters()])) < 1e-10
+
+
+def test_reversed_time_and_outputs_between_steps_at_min():
+    t = torch.tensor([2.0, 1.7, 0.9, 0.2], dtype=torch.float64)
+    _, grads_all, _ = _solve("trajectory", "dopri5", dict(first_step=0.05), t=t)
+    _, grads, _ = _solve("min", "dopri5", dict(first_step=0.05), t=t)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_all))
+
+
+class DropoutField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Dropout(0.3), torch.nn.Tanh(),
+                                       torch.nn.Linear(32, 4))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def test_random_numbers_are_replayed_through_recomputed_steps():
+    field = DropoutField().double()
+    _, grads_all, _ = _solve("trajectory", "rk4", field=field, seed=5)
+    _, grads, _ = _solve("min", "rk4", field=field, seed=5)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_all))
+
+
+def _held(budget, steps):
+    torch.manual_seed(0)
+    func = TimeDependentField(dim=4, width=16).double()
+    y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    meter = SavedTensorBytes(exclude=[*func.parameters(), y0, t])
+    with meter, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = odeint_symplectic_adjoint(func, y0, t, method="rk4", options=dict(step_size=1 / steps),
+                                        memory_budget=budget)
+    state = y0.numel() * y0.element_size()
+    scalars = 3 * steps * 8 + out.numel() * out.element_size() + 64  # step times and sizes; the solution
+    return meter.total, state, scalars
+
+
+def test_held_memory_at_min_grows_logarithmically_with_the_number_of_steps():
+    for steps in (64, 1024):
+        held, state, scalars = _held("min", steps)
+        assert held - scalars <= (log_cap(steps) + 1) * state
+    held_trajectory, state, scalars = _held("trajectory", 1024)
+    assert held_trajectory >= 1025 * state
+
+
+@pytest.mark.parametrize("budget", [4096, 20_000, 100_000])
+def test_held_memory_stays_within_a_byte_budget(budget):
+    held, state, scalars = _held(budget, 256)
+    assert held - scalars <= max(budget, (log_cap(256) + 1) * state)
+
+
+def test_a_budget_below_the_fewest_states_runs_at_min_and_warns_once():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, grads, _ = _solve(100)
+    assert sum("running at memory_budget='min'" in str(w.message) for w in caught) == 1
+    _, grads_min, _ = _solve("min")
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_min))
+
+
+@pytest.mark.parametrize("solver", ["rk4", "dopri5", "tsit5"])
+@pytest.mark.parametrize("integral", [False, True], ids=["", "integral loss"])
+def test_torchdyn_recomputes_states_bit_for_bit(registered, solver, integral):
+    import symadj_plugins
+    from torchdyn.core import NeuralODE
+
+    results = {}
+    for budget in ("trajectory", "min"):
+        torch.manual_seed(0)
+        field = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+        kwargs = dict(integral_loss=lambda t, x: x.pow(2).sum(-1)) if integral else {}
+        model = NeuralODE(field, sensitivity="symplectic_adjoint", solver=solver, atol=1e-8, rtol=1e-8,
+                          **kwargs).double()
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        t = torch.linspace(0, 2, 3 if solver != "rk4" else 41, dtype=torch.float64)
+        with symadj_plugins.options(memory_budget=budget):
+            _, sol = model(x, t)
+        results[budget] = (sol.detach(), flat_grads(loss_of(sol), [x, *model.parameters()]))
+    assert torch.equal(results["min"][0], results["trajectory"][0])
+    assert all(torch.equal(g, h) for g, h in zip(results["min"][1], results["trajectory"][1]))
