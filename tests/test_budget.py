@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchdiffeq
@@ -18,7 +19,7 @@ from symadj_plugins.core.budget import MemoryBudget
 from symadj_plugins.torchdiffeq import odeint_adjoint, odeint_symplectic_adjoint
 from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
-LEVELS = ["min", 0, "stages", 30_000, "200KiB", "max", math.inf]
+LEVELS = ["min", 0, "trajectory", "stages", 30_000, "200KiB", "max", "auto", math.inf]
 T = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=torch.float64)  # outputs between steps
 
 
@@ -103,7 +104,7 @@ def test_held_bytes_stay_within_the_trajectory_plus_the_budget(method, options):
     y0 = torch.randn(32, 8, requires_grad=True)
     t = torch.linspace(0, 1, 2)
     kwargs = dict(method=method, options=options, rtol=1e-7, atol=1e-9)  # dopri5: some rejected attempts too
-    trajectory = _held(odeint_symplectic_adjoint, func, y0, t, memory_budget="min", **kwargs)
+    trajectory = _held(odeint_symplectic_adjoint, func, y0, t, memory_budget="trajectory", **kwargs)
     backprop = _held(torchdiffeq.odeint, func, y0, t, **kwargs)
     state = y0.numel() * y0.element_size()
     assert trajectory < backprop / 20
@@ -132,18 +133,29 @@ class CountingField(WideField):
         return super().forward(t, y)
 
 
-@pytest.mark.parametrize("level,backward_calls", [("min", 70), ("stages", 40), ("max", 0)])
+@pytest.mark.parametrize("level,backward_calls", [("min", 70), ("trajectory", 70), ("stages", 40), ("max", 0)])
 def test_what_the_budget_buys_is_evaluations_of_f_in_the_backward_pass(level, backward_calls):
-    # rk4, 10 steps, 4 stages: the minimal path recomputes stages 1-3 without a graph (30) and evaluates all four with
-    # one (40); with the stage inputs kept only the 40; with every graph kept none.
+    # rk4, 10 steps, 4 stages: one state per step recomputes stages 1-3 without a graph (30) and evaluates all four
+    # with one (40); with the stage inputs kept only the 40; with every graph kept none. Below one state per step,
+    # each recomputed step costs its 4 evaluations more.
     torch.manual_seed(3)
     func = CountingField(16).double()
     y0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     out = odeint_symplectic_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), method="rk4",
                                     options=dict(step_size=0.1), memory_budget=level)
     func.calls = 0
-    out[-1].sum().backward()
-    assert func.calls == backward_calls
+    advanced = []
+    real_advance = _TorchdiffeqHost.advance
+
+    def counting_advance(self, trajectory, n, *args):
+        advanced.append(n)
+        return real_advance(self, trajectory, n, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_TorchdiffeqHost, "advance", counting_advance)
+        out[-1].sum().backward()
+    assert func.calls == backward_calls + 4 * len(advanced)
+    assert (len(advanced) > 0) == (level == "min")
 
 
 def test_a_second_backward_through_kept_graphs_replays_instead():
@@ -179,16 +191,16 @@ def _budget_seen(solve=odeint_symplectic_adjoint, method="rk4", options=None, **
 
 
 def test_the_budget_reaches_the_solver_from_every_entry_point():
-    assert _budget_seen() == MemoryBudget.parse("stages")  # the default
+    assert _budget_seen() == MemoryBudget.named("auto")  # the default
     assert _budget_seen(memory_budget="1MiB") == MemoryBudget(2**20)
     assert _budget_seen(adjoint=SymplecticAdjoint(memory_budget="2GB")) == MemoryBudget(2e9)
-    assert _budget_seen(store_stages=False) == MemoryBudget(0)
+    assert _budget_seen(store_stages=False) == MemoryBudget.named("trajectory")
     with symadj_plugins.options(memory_budget=1234):
         assert _budget_seen() == MemoryBudget(1234)
         assert _budget_seen(memory_budget="min") == MemoryBudget(0)  # an explicit argument wins
         assert _budget_seen(solve=odeint_adjoint, adjoint_method="symplectic") == MemoryBudget(1234)
     assert _budget_seen(solve=odeint_adjoint, adjoint_method="symplectic",
-                        adjoint_options=dict(memory_budget="max")) == MemoryBudget(math.inf)
+                        adjoint_options=dict(memory_budget="max")) == MemoryBudget.named("max")
 
 
 @pytest.mark.parametrize("text,expected", [("256MiB", 256 * 2**20), ("2GB", 2e9), ("512 kib", 512 * 1024),
@@ -197,11 +209,20 @@ def test_budget_strings(text, expected):
     assert MemoryBudget.parse(text).bytes == expected
 
 
+@pytest.mark.parametrize("value,level", [("1e400", "bytes"), (10**400, "bytes"), (np.int64(5000), "bytes"),
+                                         (np.float64(5000.0), "bytes"), ("-0", "min"), (-0.0, "min"), (0, "min"),
+                                         ("Trajectory", "trajectory"), ("auto", "auto")])
+def test_large_numpy_and_signed_budgets_are_read_alike(value, level):
+    budget = MemoryBudget.parse(value)
+    assert budget.level == level
+    assert budget.bytes == {"min": 0, "bytes": budget.bytes}.get(level, math.inf)
+
+
 @pytest.mark.parametrize("value,error", [(-1, ValueError), (float("nan"), ValueError), ("12 parsecs", ValueError),
                                          ("lots", ValueError), ("-5MB", ValueError), (True, TypeError),
                                          ([1024], TypeError), (None, TypeError)])
 def test_bad_budgets_name_the_accepted_forms(value, error):
-    with pytest.raises(error, match=r"memory_budget must be an int number of bytes.*'256MiB'.*'min'"):
+    with pytest.raises(error, match=r"memory_budget must be 'min'.*'trajectory'.*'stages'.*'max'.*'auto'.*'256MiB'"):
         SymplecticAdjoint(memory_budget=value)
 
 
@@ -227,11 +248,12 @@ def test_conflicting_arguments_are_refused():
 
 
 @pytest.mark.parametrize("method", ["dopri5", "rk4", "rk38"])
-def test_the_torch_symplectic_adjoint_drop_in_keeps_the_originals_minimal_memory(method):
+def test_the_torch_symplectic_adjoint_drop_in_keeps_one_state_per_step_as_the_original(method):
     import torch_symplectic_adjoint
 
     with symadj_plugins.options(memory_budget="max"):
-        assert _budget_seen(torch_symplectic_adjoint.odeint_symplectic_adjoint, method) == MemoryBudget(0)
+        assert _budget_seen(torch_symplectic_adjoint.odeint_symplectic_adjoint, method) == \
+            MemoryBudget.named("trajectory")
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4", "dopri5", "tsit5"])
@@ -282,7 +304,7 @@ def test_torchdyn_held_bytes_stay_within_the_trajectory_plus_the_budget(register
         sol.sum().backward()
         return result
 
-    trajectory = held("min")
-    for budget in [10_000, 60_000, 300_000]:
-        assert trajectory < held(budget) <= trajectory + budget
+    trajectory = held("trajectory")
+    for extra in [10_000, 60_000, 300_000]:  # the budget counts the states too
+        assert trajectory < held(trajectory + extra) <= trajectory + extra
     assert held("max") > held(300_000) > held(10_000)

@@ -78,11 +78,11 @@ class MemoryBudget:
         if isinstance(value, str):
             return cls._parse_string(value)
         value = float(value) if not isinstance(value, numbers.Integral) else int(value)
-        if math.isnan(value) or value < 0:
+        if (isinstance(value, float) and math.isnan(value)) or value < 0:
             raise ValueError(f"memory_budget must be {_ACCEPTED}; got {value!r}")
         if value == 0:
             return cls.named("min")
-        return cls(math.inf if math.isinf(value) or value >= 2**63 else float(int(value)))
+        return cls(math.inf if value >= 2**63 else float(int(value)))  # beyond any memory: no limit
 
     @classmethod
     def named(cls, level: str) -> MemoryBudget:
@@ -93,7 +93,7 @@ class MemoryBudget:
         word = text.strip().lower()
         if word in LEVELS:
             return cls.named(word)
-        match = re.fullmatch(r"[+]?([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", word)
+        match = re.fullmatch(r"([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", word)
         if match is None or match.group(2) not in _UNITS:
             raise ValueError(f"memory_budget must be {_ACCEPTED}; got {text!r}")
         return cls.parse(float(match.group(1)) * _UNITS[match.group(2)])
