@@ -31,7 +31,7 @@ def compare(func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, loss: Call
         progress: a tqdm progress bar on stderr, shown only when stderr is a terminal.
     Records hold ``peak_bytes`` (CPU: profiler; CUDA: allocator), ``fwd_s``/``bwd_s``/``total_s`` (medians),
     ``nfe_fwd``/``nfe_bwd``, ``steps_fwd``/``steps_bwd``, ``grad_err`` and ``grad_err_vs_backprop``; format them
-    with :func:`symadj_plugins.bench.report.method_table`.
+    with :func:`symadj_plugins.bench.tables.method_table`.
     """
     methods = list(DEFAULT_COMPARE if methods is None else methods)
     methods.sort(key=lambda m: list(METHODS).index(m))  # backprop first: the others are compared with it
