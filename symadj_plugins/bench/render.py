@@ -151,7 +151,8 @@ def render_text(text: str, loaded: dict[str, tuple[list[Record], dict]], doc: Pa
 
 def documents(root: Path = ROOT) -> list[Path]:
     """The documents that may hold results blocks."""
-    return [root / "README.md", root / "MIGRATION.md", *sorted((root / "docs").glob("*.md"))]
+    return [path for path in (root / "README.md", root / "MIGRATION.md", *sorted((root / "docs").glob("*.md")))
+            if path.exists()]
 
 
 def stale_blocks(root: Path = ROOT, results: Path | None = None) -> list[str]:
