@@ -272,3 +272,19 @@ def test_quick_budget_run_measures_every_method_and_memory_grows_with_the_budget
         assert all(b >= a - noise for a, b in zip(peaks, peaks[1:])), (label, peaks)
         assert peaks[-1] > 4 * peaks[0], (label, peaks)
     assert (tmp_path / "budget_time_memory.png").stat().st_size > 10_000
+
+
+def test_stage_counts_in_the_stages_problem_are_torchdiffeqs():
+    # The stages problem labels each solver with its stage count s; for the adaptive ones that is torchdiffeq's
+    # tableau (its alpha lists the nodes after the first stage), for the fixed-grid ones the rule's.
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    from symadj_plugins.bench.problems import STAGES
+    from symadj_plugins.torchdiffeq import torchdiffeq_host
+    for name, s in STAGES.items():
+        tableau = getattr(SOLVERS[name], "tableau", None)
+        if tableau is not None:
+            assert len(tableau.alpha) + 1 == s, name
+        else:
+            host = torchdiffeq_host(lambda t, y: y, name, 1e-6, 1e-6, {})
+            assert host.tableau.num_stages == s, name
