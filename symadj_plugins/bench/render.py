@@ -46,8 +46,8 @@ FIGURES = ROOT / "docs" / "figures"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 # The README's table: the methods a torchdiffeq user chooses between, those present in the results.
-SUMMARY_METHODS = ["backprop", "adjoint", "adjoint-seminorm", "ckpt-stage", "torchdyn-adjoint", "ours-min",
-                   "ours-trajectory", "ours-stages", "ours-torchdiffeq", "ours-max", "ours-torchdyn"]
+SUMMARY_METHODS = ["backprop", "adjoint", "ckpt-stage", "ours-min", "ours-trajectory", "ours-stages",
+                   "ours-torchdiffeq", "ours-max"]
 # The budget summary's columns: the sweep, the default, and the other memory-saving exact methods.
 BUDGET_SUMMARY_METHODS = ["ours-budget-0", "ours-torchdiffeq", "ours-budget-0.05", "ours-budget-0.25",
                           "ours-budget-0.5", "ours-budget-1", "ours-max", "adjoint", "ckpt-step"]
@@ -74,10 +74,9 @@ def run_caption(records: list[Record], meta: dict) -> str:
              f"torchdiffeq {m['torchdiffeq']}, torchdyn {m['torchdyn']}, Python {m['python']}; "
              f"1-minute load average {load[0]} at the start, {load_end[0]} at the end._"]
     if meta.get("quick"):
-        lines.append("**A smoke run (`--quick`): smaller problems than this page describes (the case lines give "
-                     "them) and one timing repeat; its times are not the method's, only its memory, function "
-                     "evaluations and errors are. Re-measured by the commands under "
-                     f"[Re-running]({meta.get('benchmarks_page', '')}#re-running-the-documented-numbers).**")
+        lines.append("**A smoke run (`--quick`): smaller problems than the documented ones and one timing repeat; "
+                     "only its memory, function evaluations and errors mean something. To be re-measured: "
+                     f"[re-running]({meta.get('benchmarks_page', '')}#re-running-the-documented-numbers).**")
     elif load[0] is not None and load[0] >= m["cpu_count"] / 2:
         lines.append("**The machine was loaded while this ran: its times move between runs more than usual.**")
     return "\n".join(lines)

@@ -93,15 +93,16 @@ def method_table(records: Iterable[Record | Mapping[str, Any]]) -> str:
 
 
 def summary_table(records: Iterable[Record | Mapping[str, Any]], methods: list[str]) -> str:
-    """The headline figures of ``methods`` (those present, in that order) on one case, as ratios to backprop."""
+    """The headline figures of ``methods`` (those present, in that order) on one case, as ratios to backprop; each
+    method named by what it is (its label)."""
     records = as_records(records)
     chosen = [r for m in methods for r in records if r.method == m]
     header = ["method", "peak memory", "× backprop", "fwd+bwd × backprop", "grad rel. error"]
 
     def row(r: Record, base: Record | None, mem_ratio: float | None) -> list[str]:
         time_ratio = r.total_s / base.total_s if base else None
-        return [f"`{r.method}`", fmt_bytes(r.peak_bytes), fmt_ratio(mem_ratio), fmt_ratio(time_ratio),
-                fmt_err(r.grad_err)]
+        return [r.method_label or f"`{r.method}`", fmt_bytes(r.peak_bytes), fmt_ratio(mem_ratio),
+                fmt_ratio(time_ratio), fmt_err(r.grad_err)]
     base = by_method(ok(records)).get("backprop")
     rows = [_not_ok_row(r, len(header)) if not r.ok else
             row(r, base, r.peak_bytes / base.peak_bytes if base and base.peak_bytes else None) for r in chosen]
