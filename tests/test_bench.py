@@ -132,7 +132,8 @@ def test_bench_cli_names_the_extra_when_its_dependencies_are_missing(tmp_path, m
 
 def test_quick_benchmark_runs_every_method(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "symadj_plugins.bench", "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "symadj_plugins.bench", "--quick", "--out", str(tmp_path),
+                           "--results", str(tmp_path / "results")],
                           capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| method | peak memory |" in proc.stdout
@@ -156,6 +157,11 @@ def test_quick_benchmark_runs_every_method(tmp_path):
     assert result["meta"]["memory_method"].startswith("torch.profiler")
     assert result["targets"], "targets are reported"
     assert (tmp_path / "cnf_time_error_memory.png").stat().st_size > 10_000
+    # --results: the file the documentation renders from holds the same records and how they were measured.
+    from symadj_plugins.bench.records import load_results
+    saved = load_results(tmp_path / "results" / "cnf.json")
+    assert saved.records == result["records"] and saved.meta["command"] == result["meta"]["command"]
+    assert "| `ours-torchdiffeq` |" in tables.method_table(saved.typed)
 
 
 def test_compare_measures_the_users_own_model():

@@ -3,7 +3,7 @@
 Examples::
 
     python -m symadj_plugins.bench --quick                      # < 1 min: tiny CNF, every method
-    python -m symadj_plugins.bench --problem cnf steps          # the README tables
+    python -m symadj_plugins.bench --problem cnf steps          # two problems
     python -m symadj_plugins.bench --problem budget             # time vs memory across memory_budget
     python -m symadj_plugins.bench --problem all --out bench_out
     python -m symadj_plugins.bench --problem steps --methods backprop,ours-torchdiffeq
