@@ -11,6 +11,8 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Internal design notes and the issue tracker are not shipped; text that cites them dangles for every reader.
@@ -251,3 +253,18 @@ def test_the_readme_is_short_and_keeps_the_set_up_commands():
     # .ci/run runs the line after '# 2. ': it must install everything the tests need (the dev extra: docs tools too).
     command = lines[next(i for i, line in enumerate(lines) if line.startswith("# 2. ")) + 1]
     assert "pytest" in command and ".[torchdyn,dev]" in command
+
+
+def test_a_problem_without_blocks_of_its_own_renders_as_the_report_prints_it():
+    # A new benchmark problem needs no rendering code: PROBLEM-run and PROBLEM blocks work for any results file.
+    import dataclasses
+
+    from symadj_plugins.bench.render import load_all, render_block
+    from symadj_plugins.bench.report import problem_section
+    loaded = load_all()
+    records, meta = loaded["steps"]
+    loaded["new"] = ([dataclasses.replace(r, problem="new") for r in records], meta)
+    assert render_block("new", loaded) == problem_section("new", loaded["new"][0]).rstrip("\n") + "\n"
+    assert render_block("new-run", loaded).startswith("_Measured by `python -m symadj_plugins.bench")
+    with pytest.raises(KeyError, match="unknown results block 'other'"):
+        render_block("other", loaded)

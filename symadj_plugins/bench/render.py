@@ -7,7 +7,9 @@ Every measured table in README.md and docs/*.md sits between two markers naming 
     <!-- /results:cnf -->
 
 and is rendered from ``docs/results/<problem>.json`` (written by ``python -m symadj_plugins.bench --results
-docs/results``); the figures in docs/figures are drawn from the same files. Rendering is a pure function of the
+docs/results``); the figures in docs/figures are drawn from the same files. The blocks are :data:`BLOCKS`, and for
+a problem without blocks of its own, ``PROBLEM-run`` (how it was measured) and ``PROBLEM`` (its tables as the
+benchmark's report prints them). Rendering is a pure function of the
 files, so ``--check`` (and ``tests/test_docs.py``) can tell a table that differs from its file::
 
     python -m symadj_plugins.bench.render            # rewrite the tables and figures
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .records import Record, as_records, headline, load_results, of_problem
-from .report import budget_section, cnf_sweep
+from .report import budget_section, cnf_sweep, problem_section
 from .tables import (
     budget_summary_table,
     errors_list,
@@ -112,6 +114,17 @@ BLOCKS: dict[str, Block] = {
 }
 
 
+def _generic_block(name: str, loaded: dict) -> Block | None:
+    """For a problem with no blocks of its own: ``PROBLEM-run`` (how it ran) and ``PROBLEM`` (its tables, as the
+    benchmark's report prints them)."""
+    problem = name.removesuffix("-run")
+    if problem not in loaded:
+        return None
+    if name.endswith("-run"):
+        return Block(problem, run_caption)
+    return Block(problem, lambda records, meta: problem_section(problem, records))
+
+
 class MissingResults(Exception):
     """A block names a problem whose results file is not there."""
 
@@ -127,9 +140,10 @@ def load_all(results: Path = RESULTS) -> dict[str, tuple[list[Record], dict]]:
 
 def render_block(name: str, loaded: dict[str, tuple[list[Record], dict]], doc: Path | None = None) -> str:
     """The text between the markers of block ``name`` in document ``doc`` (links are relative to it)."""
-    if name not in BLOCKS:
-        raise KeyError(f"unknown results block {name!r}; known: {', '.join(BLOCKS)}")
-    block = BLOCKS[name]
+    block = BLOCKS.get(name) or _generic_block(name, loaded)
+    if block is None:
+        raise KeyError(f"unknown results block {name!r}; known: {', '.join(BLOCKS)}, and for each results file "
+                       f"PROBLEM and PROBLEM-run")
     if block.problem is None:
         records = [r for recs, _ in loaded.values() for r in recs]
         return block.render(records, {}).rstrip("\n") + "\n"

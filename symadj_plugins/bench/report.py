@@ -47,7 +47,7 @@ def problem_section(problem: str, recs: list[Record]) -> str:
         if sweep:
             parts.append("\nTolerance sweep (continuous adjoint vs ours; time vs gradient error):\n")
             parts.append(sweep_table(sweep))
-    elif problem in ("steps", "stages"):
+    elif problem not in ("physics", "budget"):  # steps, stages, and any problem of several cases
         parts.append("Peak memory during forward + backward:\n")
         parts.append(pivot_table(recs, "peak_bytes", fmt_bytes))
         parts.append("\nForward + backward time (s, median):\n")
