@@ -11,6 +11,8 @@ versions.
     git clone https://github.com/DiffEqML/torchdyn /src/torchdyn          # checkout, at the commit to test
     TORCHDIFFEQ_SRC=/src/torchdiffeq TORCHDYN_SRC=/src/torchdyn python -m nox -s dev
 
+    python -m nox -s docs              # the documentation site, built strictly (a stale API reference fails)
+
 Each session gets a fresh virtualenv with ``torch==<version>.*``, the torchdiffeq under test, torchdyn 1.0.6
 (with ``--no-deps``: its declared dependencies include packages it does not import, see the ``torchdyn`` extra
 in pyproject.toml), and this project with its ``dev`` and ``torchdyn`` extras, all resolved in one pip call so
@@ -130,3 +132,17 @@ def dev(session: nox.Session, host: str) -> None:
         _run(session, torch, "master")
     else:
         _run(session, torch, torchdiffeq, torchdyn="master")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (``mkdocs.yml``), built with ``--strict``: a warning (a broken link, a docstring that
+    names an argument the signature does not have) fails it. mkdocstrings reads the code without importing it, so
+    the session installs only the ``docs`` extra's packages, not torch. Arguments after ``--`` go to mkdocs."""
+    import tomllib  # Python >= 3.11 runs this session
+
+    with open("pyproject.toml", "rb") as fh:
+        requirements = tomllib.load(fh)["project"]["optional-dependencies"]["docs"]
+    session.install(*requirements)
+    session.run("python", "-m", "mkdocs", "build", "--strict", *(session.posargs or ["--site-dir", "site"]),
+                env={"NO_MKDOCS_2_WARNING": "1"})

@@ -23,7 +23,7 @@ import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from symadj_plugins.bench import report  # noqa: E402
+from symadj_plugins.bench import figures, tables  # noqa: E402
 from symadj_plugins.bench.api import DEFAULT_COMPARE, compare  # noqa: E402
 
 QUICK = dict(methods="backprop,adjoint,ours-torchdiffeq", repeats=1)  # --quick: a smoke run
@@ -70,8 +70,8 @@ def recommend(records):
     bp, ours = ok.get("backprop"), ok.get("ours-torchdiffeq")
     lines = []
     if bp and ours:
-        lines.append(f"- backprop holds {report.fmt_bytes(bp['peak_bytes'])} at peak; the symplectic adjoint "
-                     f"{report.fmt_bytes(ours['peak_bytes'])} ({ours['peak_bytes'] / bp['peak_bytes']:.2f}×) for "
+        lines.append(f"- backprop holds {tables.fmt_bytes(bp['peak_bytes'])} at peak; the symplectic adjoint "
+                     f"{tables.fmt_bytes(ours['peak_bytes'])} ({ours['peak_bytes'] / bp['peak_bytes']:.2f}×) for "
                      f"{ours['total_s'] / bp['total_s']:.2f}× the time, with the same gradient "
                      f"(difference {ours['grad_err_vs_backprop']:.0e}).")
         lines.append("- If backprop's peak fits comfortably in memory (and will at your batch size and tolerance), "
@@ -81,7 +81,7 @@ def recommend(records):
     for name in ("adjoint", "adjoint-tight"):
         r = ok.get(name)
         if r and ours:
-            lines.append(f"- `{name}` (continuous adjoint): {report.fmt_bytes(r['peak_bytes'])}, "
+            lines.append(f"- `{name}` (continuous adjoint): {tables.fmt_bytes(r['peak_bytes'])}, "
                          f"{r['total_s'] / ours['total_s']:.2f}× our time, gradient error {r['grad_err']:.1e} "
                          f"vs ours {ours['grad_err']:.1e} (against a float64, rtol=1e-10 reference); its error "
                          "depends on the backward tolerance, ours is backprop's.")
@@ -94,7 +94,7 @@ def recommend(records):
 def plot(records, path):
     ok = [r for r in records if r.get("status") == "ok"]
     names = [r["method"] for r in ok]
-    colors = [report.FAMILY_STYLE[r["family"]][0] for r in ok]
+    colors = [figures.FAMILY_STYLE[r["family"]][0] for r in ok]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, key, label, scale, fmt in ((axes[0], "peak_bytes", "peak memory (MiB)", 2 ** 20, "{:.3g}"),
                                        (axes[1], "total_s", "forward + backward (s)", 1, "{:.3g}"),
@@ -130,7 +130,7 @@ if __name__ == "__main__":
     out = args.out if os.path.splitext(args.out)[1] else args.out + ".png"
     torch.set_num_threads(args.threads)
     records = compare(func, y0, t, loss, **solver, methods=args.methods.split(","), repeats=args.repeats)
-    print(report.method_table(records))
+    print(tables.method_table(records))
     print()
     print(recommend(records))
     plot(records, out)

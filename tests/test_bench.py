@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from symadj_plugins.bench import report
+from symadj_plugins.bench import figures, records, tables, targets
 from symadj_plugins.bench.memory import PeakMemory, mark
 from symadj_plugins.bench.methods import BUDGET_FRACTIONS, BUDGET_METHODS, DEFAULT_METHODS, METHODS, budget_method
 from symadj_plugins.bench.problems import build, cases
@@ -89,11 +89,12 @@ def test_function_evaluations_and_steps_are_counted_per_phase():
 
 
 def test_equal_error_target_interpolates_the_adjoint_curve():
-    ours = {"grad_err": 1e-4, "total_s": 1.0}
+    ours = records.Record("ours-torchdiffeq", grad_err=1e-4, total_s=1.0)
     curve = [(1e-5, 4.0), (1e-3, 1.0)]  # error, time of the continuous adjoint at two tolerances
-    target = report._equal_error_target(ours, curve)
+    target = targets._equal_error_target(ours, curve)
     assert target["measured"] == pytest.approx(0.5)  # adjoint: 2 s at 1e-4 (log-log interpolation)
-    assert report._equal_error_target({"grad_err": 1e-2, "total_s": 5.0}, curve)["measured"] == pytest.approx(5.0)
+    less_accurate = records.Record("ours-torchdiffeq", grad_err=1e-2, total_s=5.0)
+    assert targets._equal_error_target(less_accurate, curve)["measured"] == pytest.approx(5.0)
 
 
 def _record(method, family, peak_bytes, total_s, grad_err, rtol=1e-6):
@@ -103,15 +104,15 @@ def _record(method, family, peak_bytes, total_s, grad_err, rtol=1e-6):
 
 def test_timing_targets_report_ratios_without_a_verdict_memory_targets_keep_theirs():
     # Timings move by 10-20 % between runs: a met/missed verdict on them would flip with the machine's load.
-    records = [_record("backprop", "backprop", 100, 1.0, 1e-6), _record("adjoint", "adjoint", 10, 3.0, 1e-5),
-               _record("ours-torchdiffeq", "ours", 5, 1.59, 1e-6)]
-    items = {t["target"]: t for t in report.targets(records)}
+    runs = [_record("backprop", "backprop", 100, 1.0, 1e-6), _record("adjoint", "adjoint", 10, 3.0, 1e-5),
+            _record("ours-torchdiffeq", "ours", 5, 1.59, 1e-6)]
+    items = {t["target"]: t for t in targets.targets(runs)}
     timing = [t for t in items.values() if t["timing"]]
     assert len(timing) == 2 and all(t["met"] is None for t in timing)
     assert {round(t["measured"], 2) for t in timing} == {1.59, 0.53}  # vs backprop; vs adjoint at equal error
     assert items["peak memory ≤ 0.1 × backprop"]["met"] is True
     assert items["peak memory ≤ 1.3 × continuous adjoint"]["met"] is True
-    table = report.targets_table(list(items.values()))
+    table = targets.targets_table(list(items.values()))
     assert table.count("**met**") == 2 and "missed" not in table and table.count("ratio only") == 2
 
 
@@ -131,7 +132,8 @@ def test_bench_cli_names_the_extra_when_its_dependencies_are_missing(tmp_path, m
 
 def test_quick_benchmark_runs_every_method(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "symadj_plugins.bench", "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "symadj_plugins.bench", "--quick", "--out", str(tmp_path),
+                           "--results", str(tmp_path / "results")],
                           capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| method | peak memory |" in proc.stdout
@@ -155,6 +157,11 @@ def test_quick_benchmark_runs_every_method(tmp_path):
     assert result["meta"]["memory_method"].startswith("torch.profiler")
     assert result["targets"], "targets are reported"
     assert (tmp_path / "cnf_time_error_memory.png").stat().st_size > 10_000
+    # --results: the file the documentation renders from holds the same records and how they were measured.
+    from symadj_plugins.bench.records import load_results
+    saved = load_results(tmp_path / "results" / "cnf.json")
+    assert saved.records == result["records"] and saved.meta["command"] == result["meta"]["command"]
+    assert "| `ours-torchdiffeq` |" in tables.method_table(saved.typed)
 
 
 def test_compare_measures_the_users_own_model():
@@ -163,32 +170,32 @@ def test_compare_measures_the_users_own_model():
 
     torch.manual_seed(0)
     func, y0 = MLPField(3, 16, 1), torch.randn(4, 3)
-    records = compare(func, y0, torch.tensor([0.0, 1.0]), lambda y: y.pow(2).sum(), rtol=1e-5, atol=1e-7,
-                      methods=["ours-torchdiffeq", "backprop"], repeats=1, progress=False)
-    assert [r["method"] for r in records] == ["backprop", "ours-torchdiffeq"]  # backprop first
-    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in records)
-    assert records[1]["grad_err_vs_backprop"] < 1e-4
-    assert "| `ours-torchdiffeq` |" in report.method_table(records)
+    measured = compare(func, y0, torch.tensor([0.0, 1.0]), lambda y: y.pow(2).sum(), rtol=1e-5, atol=1e-7,
+                       methods=["ours-torchdiffeq", "backprop"], repeats=1, progress=False)
+    assert [r["method"] for r in measured] == ["backprop", "ours-torchdiffeq"]  # backprop first
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in measured)
+    assert measured[1]["grad_err_vs_backprop"] < 1e-4
+    assert "| `ours-torchdiffeq` |" in tables.method_table(measured)
 
 
 def test_plots_tell_every_method_apart_and_label_them(tmp_path, monkeypatch):
     # One colour per method (two methods of a family share a plot), and a legend on the steps figure.
-    assert len({report.method_style(m)[0] for m in METHODS}) == len(METHODS)
-    figures = {}
+    assert len({figures.method_style(m)[0] for m in METHODS}) == len(METHODS)
+    legends = {}
 
     def keep(fig, path):
-        figures[path.name] = [text.get_text() for legend in fig.legends + [a.get_legend() for a in fig.axes if
+        legends[path.name] = [text.get_text() for legend in fig.legends + [a.get_legend() for a in fig.axes if
                                                                           a.get_legend()] for text in legend.texts]
         return path
-    monkeypatch.setattr(report, "_save", keep)
-    records = [{"problem": "steps", "case": {"n_steps": n}, "method": m, "family": METHODS[m].family, "status": "ok",
-                "peak_bytes": n * 4096.0 * (k + 1), "total_s": 0.01 * n, "state_bytes": 4096}
-               for n in (10, 100) for k, m in enumerate(("backprop", "torchdyn-autograd", "ours-torchdiffeq"))]
-    records += [_record(m, METHODS[m].family, 2 ** 20 * (k + 1), 0.1 * (k + 1), 1e-6 * (k + 1))
-                for k, m in enumerate(("backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"))]
-    report.plots(records, tmp_path)
-    assert {"backprop", "torchdyn-autograd", "ours-torchdiffeq"} <= set(figures["steps_memory_time.png"])
-    assert {"backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"} <= set(figures["cnf_time_error_memory.png"])
+    monkeypatch.setattr(figures, "_save", keep)
+    runs = [{"problem": "steps", "case": {"n_steps": n}, "method": m, "family": METHODS[m].family, "status": "ok",
+             "peak_bytes": n * 4096.0 * (k + 1), "total_s": 0.01 * n, "state_bytes": 4096}
+            for n in (10, 100) for k, m in enumerate(("backprop", "torchdyn-autograd", "ours-torchdiffeq"))]
+    runs += [_record(m, METHODS[m].family, 2 ** 20 * (k + 1), 0.1 * (k + 1), 1e-6 * (k + 1))
+             for k, m in enumerate(("backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"))]
+    figures.plots(runs, tmp_path)
+    assert {"backprop", "torchdyn-autograd", "ours-torchdiffeq"} <= set(legends["steps_memory_time.png"])
+    assert {"backprop", "adjoint", "ours-torchdiffeq", "ours-torchdyn"} <= set(legends["cnf_time_error_memory.png"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -234,11 +241,12 @@ def test_budget_fractions_are_of_backprops_saved_bytes_on_the_case():
 
 
 def test_time_ratios_pair_each_repeat_with_backprops():
-    base = {"total_s": 2.0, "times_fwd": [1.0, 2.0, 1.0], "times_bwd": [1.0, 2.0, 0.5]}  # totals 2, 4, 1.5
-    r = {"total_s": 3.0, "times_fwd": [2.0, 4.0, 1.0], "times_bwd": [1.0, 2.0, 2.0]}  # totals 3, 6, 3
-    median, low, high = report.ratio_spread(r, base)
+    base = records.Record("backprop", total_s=2.0, times_fwd=(1.0, 2.0, 1.0), times_bwd=(1.0, 2.0, 0.5))  # 2, 4, 1.5
+    r = records.Record("ours-max", total_s=3.0, times_fwd=(2.0, 4.0, 1.0), times_bwd=(1.0, 2.0, 2.0))  # 3, 6, 3
+    median, low, high = records.ratio_spread(r, base)
     assert (median, low, high) == (pytest.approx(1.5), pytest.approx(1.5), pytest.approx(2.0))
-    assert report.ratio_spread({"total_s": 3.0}, base) == (1.5, 1.5, 1.5)  # no per-repeat times: medians
+    medians_only = records.Record("ours-max", total_s=3.0)  # no per-repeat times: the ratio of the medians
+    assert records.ratio_spread(medians_only, base) == (1.5, 1.5, 1.5)
 
 
 def test_quick_budget_run_measures_every_method_and_memory_grows_with_the_budget(tmp_path):
@@ -270,3 +278,19 @@ def test_quick_budget_run_measures_every_method_and_memory_grows_with_the_budget
         assert all(b >= a - noise for a, b in zip(peaks, peaks[1:])), (label, peaks)
         assert peaks[-1] > 4 * peaks[0], (label, peaks)
     assert (tmp_path / "budget_time_memory.png").stat().st_size > 10_000
+
+
+def test_stage_counts_in_the_stages_problem_are_torchdiffeqs():
+    # The stages problem labels each solver with its stage count s; for the adaptive ones that is torchdiffeq's
+    # tableau (its alpha lists the nodes after the first stage), for the fixed-grid ones the rule's.
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    from symadj_plugins.bench.problems import STAGES
+    from symadj_plugins.torchdiffeq import torchdiffeq_host
+    for name, s in STAGES.items():
+        tableau = getattr(SOLVERS[name], "tableau", None)
+        if tableau is not None:
+            assert len(tableau.alpha) + 1 == s, name
+        else:
+            host = torchdiffeq_host(lambda t, y: y, name, 1e-6, 1e-6, {})
+            assert host.tableau.num_stages == s, name

@@ -45,7 +45,7 @@ def test_every_example_has_a_cli_whose_help_prints_and_exits(script):
     if script in WRITES_A_FILE:
         assert "--out PATH" in stdout, f"{script} writes a file: it takes --out PATH"
     text = (EXAMPLES / script).read_text()
-    assert ("savefig" in text) == (script in WRITES_A_FILE), "update WRITES_A_FILE and the README's examples table"
+    assert ("savefig" in text) == (script in WRITES_A_FILE), "update WRITES_A_FILE and docs/examples.md's table"
 
 
 def test_spiral_fit_trains_with_exact_gradients(tmp_path):

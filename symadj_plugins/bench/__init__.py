@@ -9,8 +9,9 @@ per-step and per-step + per-stage checkpointing (``torch.utils.checkpoint``), to
 Figures per method: peak memory during forward + backward, forward and backward wall time, function
 evaluations and accepted steps (forward / backward), and the gradient's relative error against a float64
 reference at tight tolerance. Modules: ``problems`` (what is solved), ``methods`` (how gradients are
-taken), ``memory`` (how memory is measured), ``worker`` (the measurement protocol), ``report`` (tables,
-targets, plots), ``cli`` (orchestration).
+taken), ``memory`` (how memory is measured), ``worker`` (the measurement protocol), ``records`` (the records and
+results files), ``tables``, ``targets``, ``figures``, ``report`` (the whole markdown report), ``cli``
+(orchestration), ``render`` (the documentation's tables and figures from docs/results).
 """
 
 from .memory import PeakMemory

@@ -24,14 +24,17 @@ def compare(func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, loss: Call
     Args:
         y0: initial state (one tensor); ``t``: ``[t0, T]`` (the loss sees ``y(T)``).
         loss: scalar loss of ``y(T)``; it must also accept a float64 ``y(T)`` when ``reference`` is true.
-        method, rtol, atol, options: the torchdiffeq solver settings, as for ``torchdiffeq.odeint``.
+        method: the torchdiffeq solver, as for ``torchdiffeq.odeint``.
+        rtol: as for ``torchdiffeq.odeint``.
+        atol: as for ``torchdiffeq.odeint``.
+        options: as for ``torchdiffeq.odeint``.
         methods: names from :data:`symadj_plugins.bench.METHODS` (default: the torchdiffeq-based ones).
         reference: compute the gradient error against a float64 copy of the model solved at
             ``rtol = atol = 1e-10`` (dopri8, exact per-step checkpointed backprop).
         progress: a tqdm progress bar on stderr, shown only when stderr is a terminal.
     Records hold ``peak_bytes`` (CPU: profiler; CUDA: allocator), ``fwd_s``/``bwd_s``/``total_s`` (medians),
     ``nfe_fwd``/``nfe_bwd``, ``steps_fwd``/``steps_bwd``, ``grad_err`` and ``grad_err_vs_backprop``; format them
-    with :func:`symadj_plugins.bench.report.method_table`.
+    with :func:`symadj_plugins.bench.tables.method_table`.
     """
     methods = list(DEFAULT_COMPARE if methods is None else methods)
     methods.sort(key=lambda m: list(METHODS).index(m))  # backprop first: the others are compared with it

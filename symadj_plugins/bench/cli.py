@@ -3,11 +3,12 @@
 Examples::
 
     python -m symadj_plugins.bench --quick                      # < 1 min: tiny CNF, every method
-    python -m symadj_plugins.bench --problem cnf steps          # the README tables
+    python -m symadj_plugins.bench --problem cnf steps          # two problems
     python -m symadj_plugins.bench --problem budget             # time vs memory across memory_budget
     python -m symadj_plugins.bench --problem all --out bench_out
     python -m symadj_plugins.bench --problem steps --methods backprop,ours-torchdiffeq
     python -m symadj_plugins.bench --problem cnf steps --report-only   # tables/plots from saved JSON
+    python -m symadj_plugins.bench --problem all --results docs/results  # also the files the docs render from
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
+from . import figures, report, targets
 from .memory import CPU_METHOD, CUDA_METHOD
 from .methods import DEFAULT_METHODS, METHODS, SWEEP_METHODS
 from .problems import PROBLEMS, case_key, cases
+from .records import load_results, save_results
 
 TIMING_METHOD = ("wall time (time.perf_counter, CUDA synchronised) of forward (solve + loss) and backward "
                  "(torch.autograd.grad w.r.t. the parameters), median of --repeats runs after one warm-up run")
@@ -60,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rebuild tables and plots from OUT/<problem>.json")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="also write each problem's results file as DIR/<problem>.json (docs/results: what the "
+                        "documentation's tables and figures are rendered from, by python -m "
+                        "symadj_plugins.bench.render)")
     args = p.parse_args(argv)
     if "all" in args.problem:
         args.problem = list(PROBLEMS)
@@ -206,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
         for problem in args.problem:
             path = out / f"{problem}.json"
             if path.exists():
-                data = json.loads(path.read_text())
-                records += data["records"]
-                meta[problem] = data["meta"]
+                saved = load_results(path)
+                records += saved.records
+                meta[problem] = saved.meta
         if not records:
             print(f"no saved results for {', '.join(args.problem)} in {out}", file=sys.stderr)
             return 1
+        if args.results:
+            for problem, problem_meta in meta.items():
+                save_results(Path(args.results) / f"{problem}.json", problem_meta,
+                             [r for r in records if r.get("problem") == problem])
         first = next(iter(meta.values()))
         same_run = all(m.get("command") == first.get("command") for m in meta.values())
         header = dict(first, rebuilt_by=command) if same_run else {"runs": meta, "command": command}
@@ -244,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_average_end"] = _load_avg()
     for problem in args.problem:
         recs = [r for r in records if r.get("problem") == problem]
-        (out / f"{problem}.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+        save_results(out / f"{problem}.json", meta, recs)
+        if args.results:
+            print(f"wrote {save_results(Path(args.results) / f'{problem}.json', meta, recs)}", file=sys.stderr)
     return _finish(records, args, out, meta)
 
 
@@ -253,10 +265,10 @@ def _finish(records: list[dict], args, out: Path, meta: dict) -> int:
     header = _meta_lines(meta)
     print(header + "\n" + text)
     (out / "results.md").write_text(header + "\n" + text)
-    result = {"meta": meta, "records": records, "targets": report.targets(records)}
+    result = {"meta": meta, "records": records, "targets": targets.targets(records)}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if not args.no_plots:
-        for path in report.plots(records, out):
+        for path in figures.plots(records, out):
             print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}", file=sys.stderr)
     return 0

@@ -31,7 +31,7 @@ from .models import CNFField, KdVField, MLPField, cnf_nll
 PROBLEMS = ("cnf", "steps", "stages", "physics", "budget")
 
 FIXED_GRID = ("euler", "midpoint", "rk4")
-STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 7, "dopri8": 13}
+STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 7, "dopri8": 14}  # tests/test_bench.py checks them
 TORCHDYN_SOLVERS = {"euler": "euler", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5"}
 
 # The float64 reference: a tight adaptive solve, differentiated exactly (per-step checkpointed backprop
