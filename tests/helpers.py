@@ -1,13 +1,16 @@
-"""Small problems and reference gradients shared by the torchdiffeq tests."""
+"""Small problems and reference gradients shared by the torchdiffeq tests, and a probe of the backward sweep's
+dense output shared with the torchdyn tests."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 
+import pytest
 import torch
 import torchdiffeq
 
+from symadj_plugins.core import adjoint
 from symadj_plugins.torchdiffeq import supported_methods
 
 # Methods of the installed torchdiffeq (heun2 appeared in 0.2.5, heun3 in 0.2.4, tsit5 after 0.2.5).
@@ -103,3 +106,29 @@ def run_in_threads(target: Callable[[], None], count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+class DenseOutputProbe:
+    """Watches the backward sweep's dense output through ``host_class``: ``calls`` holds, per call of its
+    ``dense_output``, ``(step, number of output times, number of vector–Jacobian products through its values)``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, host_class: type):
+        self._calls: list[list] = []  # [step, number of times, VJPs, the values (kept to recognise them)]
+        dense_output, vjp = host_class.dense_output, adjoint.vjp
+
+        def watched_dense_output(host, trajectory, n, y0, y1, k, t_out):
+            values = dense_output(host, trajectory, n, y0, y1, k, t_out)
+            self._calls.append([n, len(t_out), 0, values])
+            return values
+
+        def watched_vjp(outputs, *args, **kwargs):
+            for call in self._calls:
+                call[2] += sum(output is call[3] for output in outputs)
+            return vjp(outputs, *args, **kwargs)
+
+        monkeypatch.setattr(host_class, "dense_output", watched_dense_output)
+        monkeypatch.setattr(adjoint, "vjp", watched_vjp)
+
+    @property
+    def calls(self) -> list[tuple[int, int, int]]:
+        return [(n, times, vjps) for n, times, vjps, _ in self._calls]

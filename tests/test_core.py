@@ -283,7 +283,7 @@ class _ToyHost(HostSolver):
 
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
-        return y1
+        return y1.expand(len(t_out), *y1.shape)
 
 
 def _rk_step(tableau: ButcherTableau, field: _Field, t0: torch.Tensor, h: torch.Tensor,
@@ -373,6 +373,22 @@ def test_host_solver_cannot_be_instantiated_without_its_abstract_methods():
 
     with pytest.raises(TypeError, match="dense_output"):
         NoDenseOutput()
+
+
+def test_a_dense_output_that_does_not_stack_its_times_is_refused_naming_the_contract():
+    """``dense_output`` gets all of a step's output times at once and must return their values stacked."""
+
+    class Unstacked(_ToyHost):
+        def dense_output(self, trajectory, n, y0, y1, k, t_out):
+            return y1  # one value, as if t_out were a single time
+
+    field = _Field().double()
+    y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    solution = odeint_symplectic(Unstacked(EULER, field, 2), y0, torch.tensor([0.0, 1.0], dtype=F64),
+                                 list(field.parameters()))
+    with pytest.raises(TypeError, match=r"Unstacked.dense_output returned shape \(2, 3\) for 1 output time.*"
+                                        r"stacked, shape \(1, 2, 3\)"):
+        solution.sum().backward()
 
 
 def test_host_solver_defaults_are_all_slots_all_entries_dt_times_tableau_and_no_modules():

@@ -9,6 +9,7 @@ import torchdiffeq
 from helpers import (
     ADAPTIVE,
     FIXED,
+    DenseOutputProbe,
     TimeDependentField,
     TupleField,
     flat_grads,
@@ -18,6 +19,7 @@ from helpers import (
 )
 
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint, supported_methods
+from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 METHODS = ADAPTIVE + FIXED
@@ -89,6 +91,24 @@ def test_gradient_equals_backprop_through_same_steps(method, scenario, dtype):
     t = torch.tensor(SCENARIOS[scenario]["t"], dtype=dtype)
     err = compare(method, func, y0, t, dtype=dtype)
     assert err <= TOL[dtype], f"{method}/{scenario}/{dtype}: relative gradient error {err:.2e}"
+
+
+QUARTER = 0.25 * (1 + 1e-12)  # an adaptive method made to take four steps over [0, 1]: first = min = max step
+
+
+@pytest.mark.parametrize("method,options", [
+    ("dopri5", {"first_step": QUARTER, "min_step": QUARTER, "max_step": QUARTER}),
+    ("rk4", {"step_size": 0.25, "interp": "linear"}),
+    ("rk4", {"step_size": 0.25, "interp": "cubic"}),
+], ids=["dopri5", "rk4-linear", "rk4-cubic"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
+def test_a_step_with_several_outputs_makes_one_vjp_and_equals_backprop(method, options, reverse, monkeypatch):
+    func, y0 = make(torch.float64)
+    t = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)  # ten output times inside each of the four steps
+    probe = DenseOutputProbe(monkeypatch, _TorchdiffeqHost)
+    assert compare(method, func, y0, t.flip(0) if reverse else t, options=options) <= 1e-10
+    # (step, output times, VJPs): each step's ten outputs in one dense output and one VJP.
+    assert sorted(probe.calls) == [(n, 10, 1) for n in range(4)]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

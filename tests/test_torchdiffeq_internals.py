@@ -4,7 +4,8 @@ upstream change fails here with a clear message rather than as a wrong gradient 
 The fixed-grid solvers are written out by hand in torchdiffeq; the adapter restates their tableaux and
 stage times. These tests replay one torchdiffeq step with a recording vector field and check that the
 adapter's tableau reproduces every stage input and the step, and that its stage times and perturbation
-flags are bit-for-bit torchdiffeq's.
+flags are bit-for-bit torchdiffeq's. The adapter also restates torchdiffeq's three interpolation formulas to
+evaluate many times at once: checked bit for bit against torchdiffeq's own, one time at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from symadj_plugins import torchdiffeq as adapter
 from symadj_plugins.core import Trajectory
-from symadj_plugins.torchdiffeq import _internals, fixed_grid, recording
+from symadj_plugins.torchdiffeq import _internals, dense_output, fixed_grid, recording
 from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 
@@ -153,3 +154,26 @@ def test_perturbed_time_is_what_perturbfunc_passes_on():
             got = _internals.perturbed_time(t, y, perturb)
             assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected.detach())
     assert _internals.perturb_base(wrapped) is wrapped.base_func and _internals.perturb_base(lambda t, y: y) is None
+
+
+@pytest.mark.parametrize("state_dtype,time_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                                    (torch.float32, torch.float64), (torch.complex128, torch.float64)],
+                         ids=["f64", "f32", "f32-state-f64-times", "complex"])
+def test_dense_output_at_many_times_is_torchdiffeqs_at_each_time_bit_for_bit(state_dtype, time_dtype):
+    torch.manual_seed(0)
+    t0, t1 = torch.tensor(0.3, dtype=time_dtype), torch.tensor(0.7, dtype=time_dtype)
+    times = torch.cat([t0[None], 0.3 + 0.4 * torch.rand(6, dtype=time_dtype), t1[None]])  # both ends included
+    y0, y1, f0, f1, y_mid = (torch.randn(3, 2, dtype=state_dtype) for _ in range(5))
+    coefficients = interp._interp_fit(y0, y1, y_mid, f0, f1, (t1 - t0).to(state_dtype))
+    column = times.reshape(-1, 1, 1)
+
+    def at_each_time(formula):
+        return torch.stack([formula(t) for t in times])
+
+    assert torch.equal(dense_output.interp_evaluate(coefficients, t0, t1, column),
+                       at_each_time(lambda t: interp._interp_evaluate(coefficients, t0, t1, t)))
+    assert torch.equal(dense_output.linear_interp(t0, t1, y0, y1, column),
+                       at_each_time(lambda t: FixedGridODESolver._linear_interp(None, t0, t1, y0, y1, t)))
+    assert torch.equal(dense_output.cubic_hermite_interp(t0, y0, f0, t1, y1, f1, column),
+                       at_each_time(lambda t: FixedGridODESolver._cubic_hermite_interp(None, t0, y0, f0, t1, y1, f1,
+                                                                                       t)))

@@ -15,6 +15,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import DenseOutputProbe
 from torch import nn
 from torchdyn.core import MultipleShootingLayer, NeuralODE, ODEProblem
 from torchdyn.core import problems as torchdyn_problems
@@ -25,6 +26,7 @@ import symadj_plugins
 from symadj_plugins.core.budget import MemoryBudget
 from symadj_plugins.core.recording import StageKeeper
 from symadj_plugins.torchdyn import _internals, recording
+from symadj_plugins.torchdyn.host import _TorchdynHost
 
 torchdyn_odeint = importlib.import_module("torchdyn.numerics.odeint")
 
@@ -150,6 +152,22 @@ def test_gradient_equals_backprop_through_the_same_steps(solver, case, dtype, mo
     _, sol_ref = solve("autograd", field, x, solver=solver, **inputs)
     reference = grads(loss_of(sol_ref), wrt)
     assert_exact(relative_error(ours, reference), dtype, solver)
+
+
+def test_a_step_with_several_outputs_makes_one_vjp_and_equals_backprop(monkeypatch):
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 41, dtype=torch.float64)  # more points than dopri5 takes steps
+    wrt = [x, *field.parameters()]
+    probe = DenseOutputProbe(monkeypatch, _TorchdynHost)
+    _, sol = solve("symplectic_adjoint", field, x, t_span, solver="dopri5", interpolator="4th")
+    ours = grads(loss_of(sol), wrt)
+    steps, times, vjps = zip(*probe.calls)
+    # Each step's outputs in one dense output and one VJP; all 40 outputs after t_span[0] covered, several per step.
+    assert len(set(steps)) == len(steps) and set(vjps) == {1}
+    assert sum(times) == 40 and max(times) > 1
+    autograd_with_constant_steps(monkeypatch)
+    _, sol_ref = solve("autograd", field, x, t_span, solver="dopri5", interpolator="4th")
+    assert_exact(relative_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64)
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])

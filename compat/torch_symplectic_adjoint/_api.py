@@ -185,9 +185,10 @@ class _PerStepCheckpoint(torch.autograd.Function):
                 first = None if carried is None else carried.detach().requires_grad_(True)
                 y1, stages, last = _host.replay_step(host, trajectory, n, y0, first)
                 outputs, cotangents = [y1], [lam]
-                for j in trajectory.outputs_in_step.get(n, ()):
-                    outputs.append(host.dense_output(trajectory, n, y0, y1, stages, t[j]))
-                    cotangents.append(grad_solution[j])
+                inside = list(trajectory.outputs_in_step.get(n, ()))
+                if inside:  # all of the step's outputs at once: values and cotangents stacked
+                    outputs.append(host.dense_output(trajectory, n, y0, y1, stages, t[inside]))
+                    cotangents.append(grad_solution[inside])
                 if carried_cotangent is not None:
                     outputs.append(last)
                     cotangents.append(carried_cotangent)

@@ -66,7 +66,10 @@ class HostSolver(abc.ABC):
     @abc.abstractmethod
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
-        """The host's value at ``t_out`` inside step ``n``, differentiable in ``y0``, ``y1`` and ``k``.
+        """The host's values at the times ``t_out`` (shape ``(m,)``) inside step ``n``, stacked: shape
+        ``(m, *y0.shape)``, differentiable in ``y0``, ``y1`` and ``k``. The sweep calls it once per step with all of
+        the step's output times, so that a step costs one vector–Jacobian product however many outputs it has: fit
+        the interpolant once and evaluate it at all the times together.
 
         It must be linear in ``k``: its vector–Jacobian product may not depend on the values of ``k``, which are
         passed as zeros. It may evaluate ``f`` itself (at ``y0``/``y1``, whose values are the real ones).
@@ -301,23 +304,22 @@ class _Sweep:
 
     def _outputs_in_step(self, n: int, y0: torch.Tensor,
                          y1: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-        """The outputs produced between ``t_n`` and ``t_{n+1}``: their cotangents enter ``λ`` (through ``y_{n+1}``,
-        added here), and are returned as the extra stage cotangents (with the one carried into the next step) and the
-        extra cotangent of ``y_n``."""
+        """The outputs produced between ``t_n`` and ``t_{n+1}`` (``y0``, ``y1``: the step's end states, shaped like
+        the state): their cotangents enter ``λ`` (through ``y_{n+1}``, added here), and are returned as the extra
+        stage cotangents (with the one carried into the next step) and the extra cotangent of ``y_n``. All of the
+        step's outputs go through one vector–Jacobian product."""
         s = self.tableau.num_stages
         extra_kappa: list[torch.Tensor | None] = [None] * s
         extra_kappa[-1] = self.carry_cotangent
-        grad_y0 = None
-        for j in self.trajectory.outputs_in_step.get(n, ()):
-            if self.cotangents[j] is None:
-                continue
-            g_y0, g_y1, g_k = _dense_output_vjp(self.host, self.trajectory, n, y0, y1, s, self.t[j],
-                                                self.cotangents[j], self.params, self.hooked, self.grad_params,
-                                                self.evaluate)
-            self.lam += g_y1
-            grad_y0 = _add(grad_y0, g_y0)
-            extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
-        return extra_kappa, grad_y0
+        outputs = [j for j in self.trajectory.outputs_in_step.get(n, ()) if self.cotangents[j] is not None]
+        if not outputs:
+            return extra_kappa, None
+        cotangents = torch.stack([self.cotangents[j] for j in outputs])
+        g_y0, g_y1, g_k = _dense_output_vjp(self.host, self.trajectory, n, s, y0, y1, self.t[outputs], cotangents,
+                                            self.params, self.hooked, self.grad_params, self.evaluate)
+        self.lam += g_y1
+        extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
+        return extra_kappa, g_y0
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor | None:
@@ -426,18 +428,25 @@ def _vjp_of(outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tenso
     return torch.zeros(y.numel(), dtype=y.dtype, device=y.device) if grads[0] is None else grads[0].reshape(-1)
 
 
-def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, y_n: torch.Tensor, y_next: torch.Tensor,
-                      num_stages: int, t_out: torch.Tensor, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
-                      hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor], evaluate: _Evaluator):
-    """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` from one output produced inside step ``n``; ``None`` for a
-    stage the output does not depend on. The stages enter as zeros: dense output is linear in them."""
+def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, y0: torch.Tensor,
+                      y1: torch.Tensor, t_out: torch.Tensor, cotangents: torch.Tensor,
+                      params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...],
+                      grad_params: list[torch.Tensor], evaluate: _Evaluator):
+    """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` (flat) from the ``m`` outputs produced inside step ``n`` at the
+    times ``t_out`` (``(m,)``), whose cotangents are ``cotangents`` (``(m, *state shape)``): one fit of the
+    interpolant, one vector–Jacobian product. ``None`` for a stage the outputs do not depend on. The stages enter
+    as zeros: dense output is linear in them."""
     with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
-        y0 = y_n.detach().requires_grad_(True)
-        y1 = y_next.detach().requires_grad_(True)
+        y0 = y0.detach().requires_grad_(True)
+        y1 = y1.detach().requires_grad_(True)
         k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
+    if out.shape != cotangents.shape:
+        raise TypeError(f"{type(host).__name__}.dense_output returned shape {tuple(out.shape)} for {len(t_out)} "
+                        f"output time(s); it must return the values at all the times stacked, shape "
+                        f"{tuple(cotangents.shape)} (len(t_out), *y0.shape)")
     with hooks_suspended(hooked):
-        grads = vjp((out,), (cotangent,), (y0, y1, *k, *params))
+        grads = vjp((out,), (cotangents,), (y0, y1, *k, *params))
     g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
     g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
     _accumulate(grad_params, grads[2 + len(k):])

@@ -14,8 +14,10 @@ if they differ; each is exercised by ``tests/test_torchdiffeq_internals.py``:
   its ``forward`` passes on, restated in ``perturbed_time``): the replay calls the wrapped function directly.
 - ``torchdiffeq._impl.adjoint.find_parameters``: the default ``adjoint_params``.
 - ``RKAdaptiveStepsizeODESolver``: ``.tableau`` (``alpha``, ``beta``, ``c_sol``), ``.rk_state`` (``y1``, ``f1``,
-  ``t1``) read at accepted steps, ``._interp_fit`` and ``interp._interp_evaluate`` for dense output.
-- ``FixedGridODESolver``: ``.perturb``, ``.interp``, ``._linear_interp``, ``._cubic_hermite_interp``, and the
+  ``t1``) read at accepted steps, ``._interp_fit`` for dense output; ``interp._interp_evaluate`` (restated for many
+  times at once in ``dense_output.py``, and called by event mode).
+- ``FixedGridODESolver``: ``.perturb``, ``.interp``, ``._linear_interp``, ``._cubic_hermite_interp`` (both restated in
+  ``dense_output.py``, and called by event mode), and the
   stage times of ``Euler``, ``Midpoint``, ``RK4`` (3/8 rule), ``Heun2``, ``Heun3`` (``_FIXED_GRID`` in
   ``fixed_grid.py``).
 - Patched by :func:`install` (undone by ``unregister()``): ``torchdiffeq.odeint_adjoint`` (public); the
@@ -31,6 +33,7 @@ One module per job, so that a torchdiffeq upgrade lands in one of them:
   times, perturbation flags);
 - ``recording.py``: the recorder that stands between torchdiffeq's solver and ``func`` and keeps the accepted steps;
 - ``host.py``: ``_TorchdiffeqHost``, one solve as the core's ``HostSolver`` (solve, then the replay);
+- ``dense_output.py``: torchdiffeq's interpolation formulas, restated to evaluate a step's output times at once;
 - ``events.py``: event mode (``event_fn``): its input checks, fixed-grid step recording, the ``t[0]`` gradient;
 - ``api.py``: :func:`odeint_symplectic_adjoint`, :func:`odeint_adjoint`, :func:`torchdiffeq_host`,
   :func:`supported_methods` and the resolution of their arguments;

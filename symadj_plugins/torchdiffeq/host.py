@@ -21,11 +21,11 @@ from ._internals import (
     Perturb,
     RKAdaptiveStepsizeODESolver,
     _adaptive_tableau,
-    _interp_evaluate,
     _runge_kutta_step,
     perturb_base,
     perturbed_time,
 )
+from .dense_output import cubic_hermite_interp, interp_evaluate, linear_interp
 from .events import _event_rate, _record_fixed_grid_event_steps
 from .fixed_grid import _FIXED_GRID, FixedGridRule, fixed_grid_perturb_flags, fixed_grid_stage_times
 from .recording import (
@@ -265,14 +265,15 @@ class _TorchdiffeqHost(HostSolver):
         # Unshifted step ends: the event state's dependence on t_0 through them is event_rate (see solve).
         t0, t1, dt = trajectory.t0[n], trajectory.t1[n], trajectory.dt[n]
         if self.event_fn is not None:
-            t_out = self.event_t  # the only output after y0; a constant, as in torchdiffeq's find_event
+            t_out = self.event_t.reshape(1)  # the only output after y0; a constant, as in torchdiffeq's find_event
+        times = t_out.reshape(-1, *[1] * y0.dim())  # a column of times: the values come out stacked
         if self.adaptive:
-            coeffs = self.solver._interp_fit(y0, y1, torch.stack(list(k), dim=-1), dt)
-            return _interp_evaluate(coeffs, t0, t1, t_out.to(t0.dtype))
+            coeffs = self.solver._interp_fit(y0, y1, torch.stack(list(k), dim=-1), dt)  # fitted once for all times
+            return interp_evaluate(coeffs, t0, t1, times.to(t0.dtype))
         if self.solver.interp == "linear":
-            return self.solver._linear_interp(t0, t1, y0, y1, t_out)
+            return linear_interp(t0, t1, y0, y1, times)
         if self.solver.interp == "cubic":
-            f1 = self.func(self._shifted(t1), y1)
-            return self.solver._cubic_hermite_interp(t0, y0, k[0], t1, y1, f1, t_out)
+            f1 = self.func(self._shifted(t1), y1)  # torchdiffeq evaluates it per output; once serves them all
+            return cubic_hermite_interp(t0, y0, k[0], t1, y1, f1, times)
         raise ValueError(f"Unknown interpolation method {self.solver.interp!r}; torchdiffeq supports "
                          "'linear' and 'cubic'")

@@ -180,13 +180,15 @@ class _TorchdynHost(HostSolver):
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
         interpolator = self.interpolator
         if interpolator is None:  # every output is a step end
-            return y1
+            return y1.expand(len(t_out), *y1.shape)
         t0, t1, dt = trajectory.host_data.step_times[n]
-        # _adaptive_odeint's interpolation, through torchdyn's own fit/evaluate; linear in (y0, y1, k).
+        # _adaptive_odeint's interpolation, through torchdyn's own fit/evaluate; linear in (y0, y1, k). Fitted once;
+        # evaluated at a column of times (torchdyn's evaluate broadcasts), so the values come out stacked.
         x_mid = y0 + dt * sum([interpolator.bmid[i] * k[i] for i in range(len(k))])
         coefs = interpolator.fit(dt, k[0], k[-1], y0, y1, x_mid)
-        value = interpolator.evaluate(coefs, t0, t1, t_out)
-        return torch.where(t1 == t_out, y1, value)  # a t_span point at the step end is the state itself
+        times = t_out.reshape(-1, *[1] * y0.dim())
+        value = interpolator.evaluate(coefs, t0, t1, times)
+        return torch.where(t1 == times, y1, value)  # a t_span point at the step end is the state itself
 
 
 def _module_state(vf: Any) -> tuple[tuple[Any, str, Any], ...]:
