@@ -188,8 +188,9 @@ def test_a_budget_below_the_fewest_states_runs_at_min_and_warns_once():
 @pytest.mark.parametrize("solver", ["rk4", "dopri5", "tsit5"])
 @pytest.mark.parametrize("integral", [False, True], ids=["", "integral loss"])
 def test_torchdyn_recomputes_states_bit_for_bit(registered, solver, integral):
-    import symadj_plugins
     from torchdyn.core import NeuralODE
+
+    import symadj_plugins
 
     results = {}
     for budget in ("trajectory", "min"):
