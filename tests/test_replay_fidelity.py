@@ -296,19 +296,35 @@ class ScaledField(MLPField):
         return self.scale * super().forward(t, y)
 
 
+def _solve_scaled(adapter, field, y0, budget):
+    import symadj_plugins
+
+    with symadj_plugins.options(memory_budget=budget):
+        if adapter == "torchdiffeq":
+            return odeint_symplectic_adjoint(field, y0, T, **ADAPTIVE)
+        model = NeuralODE(field, solver="dopri5", sensitivity="symplectic_adjoint", return_t_eval=False)
+        return model(y0, torch.linspace(0, 1, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("budget", ["min", "trajectory", "stages", "auto", 20_000, "max"])
 @pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
-def test_a_field_changed_between_forward_and_backward_fails_loudly(adapter):
+def test_a_field_changed_between_forward_and_backward_fails_loudly_or_gets_backprops_gradient(adapter, budget):
+    # Backprop differentiates the function the forward pass computed. A step whose graphs the forward pass kept does
+    # the same (it evaluates nothing again); a step that evaluates f again must then notice the change and refuse.
     torch.manual_seed(7)
     field = ScaledField().double()
     y0 = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-    if adapter == "torchdiffeq":
-        out = odeint_symplectic_adjoint(field, y0, T, **ADAPTIVE)
-    else:
-        model = NeuralODE(field, solver="dopri5", sensitivity="symplectic_adjoint", return_t_eval=False)
-        out = model(y0, torch.linspace(0, 1, 3, dtype=torch.float64))
+    reference = torch.autograd.grad(_solve_scaled(adapter, field, y0, "trajectory").sum(), (y0, *field.parameters()))
+    out = _solve_scaled(adapter, field, y0, budget)
     field.scale = 1.001  # e.g. an attribute a training loop sets per epoch, set before backward()
-    with pytest.raises(RuntimeError, match="did not reproduce the forward pass"):
-        out.sum().backward()
+    try:
+        grads = torch.autograd.grad(out.sum(), (y0, *field.parameters()))
+    except RuntimeError as error:
+        assert "did not reproduce the forward pass" in str(error)
+        assert budget != "max"  # at "max" nothing is evaluated again
+    else:
+        assert budget not in ("min", "trajectory", "stages")  # these evaluate every stage again
+        assert _relative_error(grads, reference) < 1e-10
 
 
 @pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])

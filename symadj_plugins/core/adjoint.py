@@ -287,6 +287,13 @@ class _Sweep:
                 self.stage_values[0].copy_(carried.reshape(-1))
                 continue
             graph = graphs[i] if graphs is not None else None
+            if i == 0 and graph is not None and graph.alive and self._shares_previous_last_stage(n, graph):
+                # First same as last, both steps with graphs: one evaluation, differentiated once, in step n - 1
+                # with both cotangents (its last stage input is y_n there); a graph is never differentiated twice.
+                graph.uses -= 1
+                self.carry_cotangent = kappa
+                replayed_only = False
+                continue
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
                 self.mu[i] = _graph_vjp(graph, kappa, self.params, self.hooked, self.grad_params)
                 replayed_only = False
@@ -301,6 +308,10 @@ class _Sweep:
             lam += grad_y0_from_outputs
         self.mu.zero_()
         self.lam.copy_(lam)
+
+    def _shares_previous_last_stage(self, n: int, graph: KeptGraph) -> bool:
+        previous = self.trajectory.graphs_of(n - 1) if n > 0 else None
+        return previous is not None and previous[-1] is graph
 
     def _outputs_in_step(self, n: int, y0: torch.Tensor,
                          y1: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:

@@ -167,20 +167,23 @@ class BudgetLedger:
         restart_bytes: bytes of one kept state with what the host needs to restart a step there.
         stage_input_bytes: bytes of one step's stage inputs beyond its state (``(s - 1)·|y|``).
         evict_inputs: called with a step index when that step's stage inputs are given up.
+        evict_graphs: called with a step index when that step's graphs are given up.
     """
 
     def __init__(self, budget: MemoryBudget, restart_bytes: int, stage_input_bytes: int,
-                 evict_inputs: Callable[[int], None] = lambda step: None):
+                 evict_inputs: Callable[[int], None] = lambda step: None,
+                 evict_graphs: Callable[[int], None] = lambda step: None):
         self.budget = budget
         self.restart_bytes = max(1, restart_bytes)
         self.stage_input_bytes = stage_input_bytes
         self._evict_inputs = evict_inputs
+        self._on_evict_graphs = evict_graphs
         self.state_bytes = 0  # kept states and their restart data
         self.input_bytes = 0
         self.graph_bytes = 0
         self.states_seen = 0
         self._input_steps: deque[int] = deque()  # steps that kept stage inputs, oldest first (evicted first)
-        self._graph_steps: deque[list[KeptGraph]] = deque()  # graphs kept, oldest first (evicted first)
+        self._graph_steps: deque[tuple[int, list[KeptGraph]]] = deque()  # (step, graphs) kept, oldest first
         self.step_graph_bytes: int | None = None  # the last measured cost of one step's graphs
         self.eval_graph_bytes: int | None = None  # the measured cost of one evaluation's graph
         self.thinning = None if budget.keeps_every_state else OnlineThinning(self._state_cap)
@@ -266,14 +269,14 @@ class BudgetLedger:
         self._input_steps.append(step)
         return True
 
-    def keep_graphs(self, graphs: list[KeptGraph]) -> bool:
-        """At an accepted step (whose stage inputs are kept): keep its graphs if they fit."""
-        nbytes = sum(g.nbytes for g in graphs)
+    def keep_graphs(self, step: int, graphs: list[KeptGraph], nbytes: int) -> bool:
+        """At an accepted step (whose stage inputs are kept): keep its graphs (``nbytes`` of its own; a graph it
+        shares with the previous step is counted there) if they fit."""
         self.step_graph_bytes = nbytes
         if not graphs or self.spent + nbytes > self.limit:
             return False
         self.graph_bytes += nbytes
-        self._graph_steps.append(graphs)
+        self._graph_steps.append((step, graphs))
         return True
 
     def _evict_oldest(self) -> None:
@@ -287,10 +290,16 @@ class BudgetLedger:
         while self._graph_steps or self._input_steps:
             self._evict_oldest()
 
-    def _evict_graphs(self, graphs: list[KeptGraph]) -> None:
+    def _evict_graphs(self, kept: tuple[int, list[KeptGraph]]) -> None:
+        """Gives up one step's graphs. A graph shared with the next step (first same as last, ``uses == 2``) stays
+        alive, counted, for that step: a step keeps all its graphs or none."""
+        step, graphs = kept
+        self._on_evict_graphs(step)
         for g in graphs:
-            g.drop()
-        self.graph_bytes -= sum(g.nbytes for g in graphs)
+            g.uses -= 1
+            if g.uses <= 0:
+                g.drop()
+                self.graph_bytes -= g.nbytes
 
 
 class SavedBytesMeter:

@@ -15,6 +15,7 @@ step, within the memory budget (``core.budget``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,16 @@ __all__ = ["StageKeeper", "FirstStage"]
 @dataclass
 class FirstStage:
     """How an attempt's first stage was obtained when the host carries it in (first same as last, or an evaluation
-    before the step): the stage input, its graph if the forward pass kept one, and the random state it drew from."""
+    before the step): the stage input, its graph if the forward pass kept one, the random state it drew from, and
+    where the host evaluated it (``t``, ``kwargs``; ``t`` is ``None`` for a value carried in that is not ``f`` at
+    ``input``). A step that keeps graphs builds the first stage's own graph there when it has none, so that the
+    backward pass evaluates nothing in a step with graphs (as backprop)."""
 
     input: torch.Tensor
     graph: KeptGraph | None = None
     rng: RngState | None = None
+    t: torch.Tensor | None = None
+    kwargs: tuple = ()
 
 
 class StageKeeper:
@@ -60,7 +66,7 @@ class StageKeeper:
         self.randomness = RandomnessWatch(state.device)
         state_bytes = state.numel() * state.element_size()
         self.ledger = BudgetLedger(budget, restart_states * state_bytes, (num_stages - 1) * state_bytes,
-                                   self._evict_inputs)
+                                   self._evict_inputs, self._evict_graphs)
         self.states: list[torch.Tensor | None] = []
         self.carried: list[torch.Tensor | None] = []
         self.extra: list[torch.Tensor | None] = []
@@ -107,6 +113,9 @@ class StageKeeper:
         self.stage_inputs[step] = None
         self.stage_graphs[step] = None
 
+    def _evict_graphs(self, step: int) -> None:
+        self.stage_graphs[step] = None
+
     @property
     def drew_random_numbers(self) -> bool:
         """Whether any evaluation watched so far (stage or not) drew random numbers."""
@@ -120,6 +129,10 @@ class StageKeeper:
         self._calls_left = self.num_stages - (first is not None)
         self._inputs, self._rng, self._graphs = [], [], []
         self._building = self.ledger.may_build_graphs()
+        # Its first stage, evaluated before the attempt, has no graph to share (the solve's first evaluation, one
+        # after a jump_t, the last stage of a step that kept none): the attempt builds one, if it builds graphs.
+        self._first_needs_graph = first is not None and first.t is not None and not (
+            first.graph is not None and first.graph.alive)
 
     @property
     def expects_stage(self) -> bool:
@@ -129,6 +142,9 @@ class StageKeeper:
     def evaluate(self, fn: Callable[..., torch.Tensor], t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """Evaluates one stage, ``fn(t, y, **kwargs)``, as the forward pass: returns the value the solver uses."""
         self._calls_left -= 1
+        if self._building and self._first_needs_graph:
+            self._first_needs_graph = False
+            self._build_graph(fn, self._first.t, self._first.input, self._first.rng, **dict(self._first.kwargs))
         self._inputs.append(y)
         if not self._building:
             if self.ledger.budget.measures_graphs and self.ledger.eval_graph_bytes is None:
@@ -137,24 +153,29 @@ class StageKeeper:
                 value = out.detach()
             else:
                 value, rng = self.randomness.call(fn, t, y, **kwargs)
-        elif math.isinf(self.ledger.limit):  # no limit: nothing to measure
-            leaf = y.detach().requires_grad_(True)
-            with torch.enable_grad():
-                out, rng = self.randomness.call(fn, t, leaf, **kwargs)
-            value = out.detach()
-            self._graphs.append(KeptGraph(leaf, out, 0))
         else:
-            leaf = y.detach().requires_grad_(True)
-            out, rng, nbytes = self._evaluate_measured(fn, t, leaf, **kwargs)
-            value = out.detach()
-            self._graphs.append(KeptGraph(leaf, out, nbytes))
-            built = sum(g.nbytes for g in self._graphs)
-            if not (out.requires_grad and self.ledger.graphs_fit(built)):
-                # Does not fit (or f depends on neither y nor θ): estimate the step's graphs for the next attempts.
-                self.ledger.step_graph_bytes = built * self.num_stages // len(self._graphs)
-                self._stop_building()
+            value, rng = self._build_graph(fn, t, y, None, **kwargs)
         self._rng.append(rng)
         return value
+
+    def _build_graph(self, fn, t, y, rng_from: RngState | None, **kwargs) -> tuple[torch.Tensor, RngState | None]:
+        """``fn(t, y)`` with a graph, kept for this attempt while the attempt's graphs fit; ``rng_from``: the random
+        state to evaluate from (an evaluation made again), put back afterwards. Returns ``(value, rng)``."""
+        leaf = y.detach().requires_grad_(True)
+        with rng_from.restored() if rng_from is not None else contextlib.nullcontext():
+            if math.isinf(self.ledger.limit):  # no limit: nothing to measure
+                with torch.enable_grad():
+                    out, rng = self.randomness.call(fn, t, leaf, **kwargs)
+                nbytes = 0
+            else:
+                out, rng, nbytes = self._evaluate_measured(fn, t, leaf, **kwargs)
+        self._graphs.append(KeptGraph(leaf, out, nbytes))
+        built = sum(g.nbytes for g in self._graphs)
+        if not (out.requires_grad and self.ledger.graphs_fit(built)):
+            # Does not fit (or f depends on neither y nor θ): estimate the step's graphs for the next attempts.
+            self.ledger.step_graph_bytes = built * self.num_stages // len(self._graphs)
+            self._stop_building()
+        return out.detach(), rng
 
     def _evaluate_measured(self, fn, t, leaf, **kwargs) -> tuple[torch.Tensor, RngState | None, int]:
         """``fn(t, leaf)`` with grad, and the bytes its graph saves. Measuring costs a Python call per saved tensor, so
@@ -190,12 +211,22 @@ class StageKeeper:
         kept_inputs = len(inputs) == self.num_stages and self.ledger.keep_stage_inputs(len(self.stage_inputs))
         self.stage_inputs.append(inputs if kept_inputs else None)
         graphs = None
-        if kept_inputs and self._building and len(self._graphs) == len(self._inputs) \
-                and self.ledger.keep_graphs(self._graphs):
-            carried = first.graph if first is not None and first.graph is not None and first.graph.alive else None
-            if carried is not None:
-                carried.uses += 1
-            graphs = ([carried] if first is not None else []) + list(self._graphs)
+        # Kept only when every stage has a graph (the first one shared with the previous step, built here, or
+        # carried in as a value, which the backward pass does not differentiate here): a step with graphs then
+        # evaluates nothing in the backward pass, so nothing in it needs the replay check.
+        shared = first.graph if first is not None and first.graph is not None and first.graph.alive else None
+        carried_value = first is not None and first.t is None
+        complete = len(self._graphs) + (shared is not None or carried_value) == self.num_stages
+        if kept_inputs and self._building and complete:
+            if shared is not None:
+                shared.uses += 1
+            graphs = ([shared] if shared is not None else [None] if carried_value else []) + list(self._graphs)
+            if not self.ledger.keep_graphs(len(self.stage_graphs), [g for g in graphs if g is not None],
+                                           nbytes=sum(g.nbytes for g in self._graphs)):
+                if shared is not None:
+                    shared.uses -= 1
+                graphs = None
+                self._stop_building()
         else:
             self._stop_building()
         self.stage_graphs.append(graphs)

@@ -49,16 +49,21 @@ class _TorchdiffeqStepRecorder:
         self._first_rng: RngState | None = None  # f(t_0, y_0), an adaptive solve's first call
         self._jump_rng: RngState | None = None  # f(t_n⁺, y_n) after a jump_t
         self._num_calls = 0
+        # Where the next adaptive step's first stage was evaluated: (t, perturb) of the solve's first call, of the
+        # re-evaluation after a jump_t, or of the last accepted step's last stage (first same as last).
+        self._f0_call: tuple[torch.Tensor, Perturb] | None = None
+        self._stage_call: tuple[torch.Tensor, Perturb] | None = None
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor, perturb: Perturb = Perturb.NONE) -> torch.Tensor:
         if self.keeper.expects_stage:
             out = self.keeper.evaluate(self.func, t, y, perturb=perturb)
+            self._stage_call = (t, perturb)
         else:  # not a stage: f(t_0, y_0), the initial step's probe, f after a jump, cubic interpolation
             out, rng = self.keeper.randomness.call(self.func, t, y, perturb=perturb)
             if self._num_calls == 0:
-                self._first_rng = rng
+                self._first_rng, self._f0_call = rng, (t, perturb)
             if perturb is Perturb.NEXT:
-                self._jump_rng = rng
+                self._jump_rng, self._f0_call = rng, (t, perturb)
         if not self._checked:
             _check_func_output(out, y)
             self._checked = True
@@ -83,14 +88,18 @@ class _TorchdiffeqStepRecorder:
             self._record(t0, y0, dt, _START_INITIAL, None)
 
     def _first_stage(self, y0: torch.Tensor) -> FirstStage:
-        """How an adaptive attempt's k_1 was obtained (see the ``_START_*`` kinds)."""
+        """How an adaptive attempt's k_1 was obtained (see the ``_START_*`` kinds), and where it was evaluated."""
+        t, perturb = self._f0_call
+        where = dict(t=t, kwargs=(("perturb", perturb),))
         if not self.t0:
-            return FirstStage(y0, rng=self._first_rng)
+            return FirstStage(y0, rng=self._first_rng, **where)
         if self._jumped:
-            return FirstStage(y0, rng=self._jump_rng)
+            return FirstStage(y0, rng=self._jump_rng, **where)
         if self.carried_last_stage:
             return FirstStage(y0)  # stored, never evaluated again
-        return self.keeper.first_same_as_last(y0)  # the previous step's last evaluation
+        first = self.keeper.first_same_as_last(y0)  # the previous step's last evaluation
+        first.t, first.kwargs = where["t"], where["kwargs"]
+        return first
 
     def finish(self) -> None:
         """After the solve: a fixed-grid step in progress is over."""
@@ -99,6 +108,7 @@ class _TorchdiffeqStepRecorder:
     def callback_accept_step(self, t0, y0, dt):
         if self.adaptive:
             self.keeper.finish_attempt(accepted=True)
+            self._f0_call = self._stage_call  # the next step's first stage, unless a jump_t re-evaluates it
             carried = None
             if not self.t0:
                 start = _START_INITIAL

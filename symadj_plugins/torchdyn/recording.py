@@ -77,7 +77,7 @@ class _TorchdynStepRecorder:
             if accepted:
                 self._accept(self._pending)
             self._pending = None
-        self.keeper.begin_attempt(self._first_stage(x) if k1 is not None else None)
+        self.keeper.begin_attempt(self._first_stage(x, t) if k1 is not None else None)
 
         times: list[torch.Tensor] = []
         inner = f
@@ -92,10 +92,13 @@ class _TorchdynStepRecorder:
         self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1)
         return out
 
-    def _first_stage(self, x: torch.Tensor) -> FirstStage:
+    def _first_stage(self, x: torch.Tensor, t: torch.Tensor) -> FirstStage:
         """The k1 torchdyn carries in: the previous accepted step's last stage (first same as last), or for the first
-        step ``f(t_0, x_0)``, the solve's first call."""
-        return self.keeper.first_same_as_last(x) or FirstStage(x, rng=self.start_rng)
+        step ``f(t_0, x_0)``, the solve's first call. Where it has no graph to share, a step that keeps graphs builds
+        one at ``(t, x)``, where the backward pass would evaluate it."""
+        first = self.keeper.first_same_as_last(x) or FirstStage(x, rng=self.start_rng)
+        first.t = t
+        return first
 
     def _accept(self, step: _Step) -> None:
         # torchdyn carries k1 = f(t, Y_s) from the previous step's last stage (FSAL). The replay re-evaluates
