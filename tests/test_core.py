@@ -501,14 +501,17 @@ def test_autocast_state_captured_off_turns_the_callers_autocast_off():
 
 def _replayed_step(perturbation: float) -> ReplayCheck:
     torch.manual_seed(0)
-    check = ReplayCheck(num_stages=2, num_steps=2, dtype=F64, device=torch.device("cpu"))
+    check = ReplayCheck(num_stages=2, num_steps=2, like=torch.zeros(6, dtype=F64))
     hb = torch.tensor([0.05, 0.05], dtype=F64)
     for n in range(2):
         y0, k = torch.randn(6, dtype=F64), torch.randn(2, 6, dtype=F64)
         y1 = y0 + hb[0] * k[0] + hb[1] * k[1]  # not the same order of operations as the check's: rounding differs
         if n == 1:
             y1 = y1 + perturbation
-        check.add_step(n, y0, y1, hb, k)
+        check.begin_step(n, y0)
+        for i in reversed(range(2)):  # the sweep's order
+            check.add_stage(n, i, k[i], hb[i])
+        check.end_step(n, y1)
     return check
 
 

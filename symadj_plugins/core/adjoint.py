@@ -248,11 +248,10 @@ class _Sweep:
         self.adjoints_t = self.adjoints.T
         self.mu, self.lam = self.adjoints[:s], self.adjoints[s]
         self.grad_params = [torch.zeros_like(p) for p in self.params]
-        self.stage_values = torch.zeros(s, numel, dtype=dtype, device=device)   # k_i, replayed
-        self.stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i
+        self.stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i, replayed
         self.carry_cotangent: torch.Tensor | None = None  # of the next step's first stage, carried from this one
-        self.check = ReplayCheck(s, trajectory.num_steps, dtype, device)
         self.checked = host.checked_entries
+        self.check = ReplayCheck(s, trajectory.num_steps, y_init.reshape(-1)[self.checked])
         self.coefficients = _step_coefficients(host, trajectory, dtype, device)
         # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
         self.hooked = tuple(p for p in self.params if p._backward_hooks)
@@ -269,13 +268,15 @@ class _Sweep:
         plan = self.tableau.backward_plan(tuple(e is not None for e in extra_kappa))
         inputs = self.trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
         if inputs is None:
-            inputs = _recompute_stage_inputs(self.evaluate, n, calls, y0, ha, plan, carried,
-                                             self.stage_values, self.stage_inputs)
+            inputs = _recompute_stage_inputs(self.evaluate, n, calls, y0, ha, plan, carried, self.stage_inputs)
         graphs = self.trajectory.graphs_of(n)
+        # A step keeps all its graphs or none (core.recording): one that evaluates f again is checked.
+        replayed = graphs is None or not any(g is not None and g.alive for g in graphs)
+        if replayed:
+            self.check.begin_step(n, y0[self.checked])
 
         # The reverse stage sweep.
         self.carry_cotangent = None
-        replayed_only = True  # a step with kept graphs has the forward's own stage values: nothing to check
         for i in reversed(range(s)):
             if not plan.vjp[i]:
                 continue
@@ -284,7 +285,8 @@ class _Sweep:
                 kappa += extra_kappa[i]
             if i == 0 and calls[0] is None:  # carried in from the previous step: its cotangent goes there
                 self.carry_cotangent = kappa
-                self.stage_values[0].copy_(carried.reshape(-1))
+                if replayed:
+                    self.check.add_stage(n, 0, carried.reshape(-1)[self.checked], hb[0])
                 continue
             graph = graphs[i] if graphs is not None else None
             if i == 0 and graph is not None and graph.alive and self._shares_previous_last_stage(n, graph):
@@ -292,17 +294,16 @@ class _Sweep:
                 # with both cotangents (its last stage input is y_n there); a graph is never differentiated twice.
                 graph.uses -= 1
                 self.carry_cotangent = kappa
-                replayed_only = False
                 continue
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
                 self.mu[i] = _graph_vjp(graph, kappa, self.params, self.hooked, self.grad_params)
-                replayed_only = False
             else:
-                self.mu[i] = _vjp(self.evaluate, n, i, calls[i], inputs[i], kappa, self.params, self.hooked,
-                                  self.grad_params, self.stage_values[i])
-        if replayed_only:
-            self.check.add_step(n, y0[self.checked], next_state.reshape(-1)[self.checked], hb,
-                                self.stage_values[:, self.checked])
+                self.mu[i], value = _vjp(self.evaluate, n, i, calls[i], inputs[i], kappa, self.params, self.hooked,
+                                         self.grad_params)
+                if replayed:
+                    self.check.add_stage(n, i, value[self.checked], hb[i])
+        if replayed:
+            self.check.end_step(n, next_state.reshape(-1)[self.checked])
         lam = self.adjoints.sum(0)
         if grad_y0_from_outputs is not None:
             lam += grad_y0_from_outputs
@@ -378,39 +379,36 @@ class _Evaluator:
 
 
 def _recompute_stage_inputs(evaluate: _Evaluator, n: int, calls: Sequence[StageCall | None], y0: torch.Tensor,
-                            ha: torch.Tensor, plan: StagePlan, carried: torch.Tensor | None, stage_values: torch.Tensor,
+                            ha: torch.Tensor, plan: StagePlan, carried: torch.Tensor | None,
                             stage_inputs: torch.Tensor) -> torch.Tensor:
-    """Replays one step without a graph: the stage inputs ``Y_i`` the sweep differentiates at, and the stage
-    values ``k_i`` they need (written into ``stage_values``). Returns ``stage_inputs`` (``(s, numel)``)."""
-    stage_values.zero_()  # stages not recomputed enter later stage inputs with a zero coefficient: keep them finite
-    for i in range(len(calls)):
-        if not (plan.vjp[i] or plan.value[i]):
+    """Replays one step without a graph: the stage inputs ``Y_i = y_n + Σ_{j<i} (hA)_ij k_j`` (written into
+    ``stage_inputs``, ``(s, numel)``, and returned), evaluating ``k_j`` only where a later differentiated stage reads
+    it. Each ``k_j`` is added into the later inputs as soon as it is known, so no stage value is held."""
+    stage_inputs.copy_(y0.expand_as(stage_inputs))
+    for i in range(len(calls) - 1):
+        if not plan.value[i]:
             continue
-        if i == 0:
-            stage_inputs[0].copy_(y0)
+        if i == 0 and calls[0] is None:
+            k = carried.reshape(-1)
         else:
-            torch.addmv(y0, stage_values[:i].T, ha[i, :i], out=stage_inputs[i])
-        if plan.value[i]:
-            if i == 0 and calls[0] is None:
-                stage_values[0].copy_(carried.reshape(-1))
-            else:
-                stage_values[i].copy_(evaluate(n, i, calls[i], stage_inputs[i].view(evaluate.shape)).reshape(-1))
+            k = evaluate(n, i, calls[i], stage_inputs[i].view(evaluate.shape)).reshape(-1)
+        stage_inputs[i + 1:].addr_(ha[i + 1:, i], k)
     return stage_inputs
 
 
 def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,
-         params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor],
-         value: torch.Tensor) -> torch.Tensor:
-    """``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat); adds ``κᵀ ∂f/∂θ`` into
-    ``grad_params`` and writes ``f``'s value into ``value``. One graph of ``f``, freed on return."""
+         params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...],
+         grad_params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(μ, k)``: ``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat) and ``f``'s value there
+    (flat); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of ``f``, freed on return."""
     shape = evaluate.shape
     with torch.enable_grad():
         y = y.detach().reshape(shape).requires_grad_(True)
         out = evaluate(n, i, call, y)
-    value.view(shape).copy_(out.detach())
+    value = out.detach().reshape(-1)
     if not out.requires_grad:  # f ignores both y and θ
-        return torch.zeros_like(value)
-    return _vjp_of((out,), (cotangent.view(shape),), y, params, hooked, grad_params)
+        return torch.zeros_like(value), value
+    return _vjp_of((out,), (cotangent.view(shape),), y, params, hooked, grad_params), value
 
 
 def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
@@ -450,7 +448,9 @@ def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stag
     with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
         y0 = y0.detach().requires_grad_(True)
         y1 = y1.detach().requires_grad_(True)
-        k = [torch.zeros_like(y0, requires_grad=True) for _ in range(num_stages)]
+        # Zero stages that take no memory (expanded views of one zero each): the VJP materialises only the stages
+        # the outputs read.
+        k = [y0.new_zeros(()).requires_grad_(True).expand(y0.shape) for _ in range(num_stages)]
         out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
     if out.shape != cotangents.shape:
         raise TypeError(f"{type(host).__name__}.dense_output returned shape {tuple(out.shape)} for {len(t_out)} "

@@ -273,29 +273,43 @@ class ReplayCheck:
 
     The forward pass formed the same sum from the same stage values, in its own order of operations, so the
     two agree to a few units of rounding per term: the tolerance is ``64·s·eps·(max|y_n| + Σ |h b_i| max|k_i|)``.
-    A larger difference means the field was not the same function in the replay. The figures of every step are
-    kept on the device and read once, after the sweep (no host synchronisation per step).
+    A larger difference means the field was not the same function in the replay. The sum is accumulated as the stage
+    values come (one state of memory, no stage value held); the figures of every step are kept on the device and read
+    once, after the sweep (no host synchronisation per step).
     """
 
-    def __init__(self, num_stages: int, num_steps: int, dtype: torch.dtype, device: torch.device):
-        dtype = torch.empty(0, dtype=dtype).abs().dtype  # the figures are real for a complex state
+    def __init__(self, num_stages: int, num_steps: int, like: torch.Tensor):
+        dtype = like.abs().dtype  # the figures are real for a complex state
+        device = like.device
         self.rounding = 64 * num_stages * torch.finfo(dtype).eps
         self.deviation = torch.zeros(num_steps, dtype=dtype, device=device)
         # Per step: max|y_n|, max|k_1|, ..., max|k_s| and the weights 1, h b_1, ..., h b_s of the scale (summed
         # once, after the sweep: the sweep's per-step cost is a handful of operations).
         self.magnitudes = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
         self.weights = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
+        self._sum = torch.empty_like(like)  # y_n + Σ h b_i k_i of the step under way
 
-    def add_step(self, n: int, y0: torch.Tensor, y1: torch.Tensor, hb: torch.Tensor, k: torch.Tensor) -> None:
-        """``y0``, ``y1``: ``(numel,)``; ``hb``: ``(s,)``; ``k``: ``(s, numel)`` replayed stage values."""
+    def begin_step(self, n: int, y0: torch.Tensor) -> None:
+        """A replayed step starts from ``y0`` (flat)."""
         if y0.numel() == 0:
             return
-        torch.linalg.vector_norm(torch.addmv(y0, k.T, hb).sub_(y1), math.inf, out=self.deviation[n])
-        magnitudes, weights = self.magnitudes[n], self.weights[n]
-        torch.linalg.vector_norm(y0, math.inf, out=magnitudes[0])
-        torch.linalg.vector_norm(k, math.inf, dim=1, out=magnitudes[1:])
-        weights[0] = 1.0
-        weights[1:] = hb.abs()
+        self._sum.copy_(y0)
+        torch.linalg.vector_norm(y0, math.inf, out=self.magnitudes[n, 0])
+        self.weights[n, 0] = 1.0
+
+    def add_stage(self, n: int, i: int, k: torch.Tensor, hb_i: torch.Tensor) -> None:
+        """Stage ``i``'s replayed value ``k`` (flat) and its weight ``h b_i``."""
+        if k.numel() == 0:
+            return
+        self._sum.addcmul_(k, hb_i)
+        torch.linalg.vector_norm(k, math.inf, out=self.magnitudes[n, i + 1])
+        self.weights[n, i + 1] = hb_i.abs()
+
+    def end_step(self, n: int, y1: torch.Tensor) -> None:
+        """The stored end state ``y1`` (flat) of the step."""
+        if y1.numel() == 0:
+            return
+        torch.linalg.vector_norm(self._sum.sub_(y1), math.inf, out=self.deviation[n])
 
     def raise_if_failed(self, suspects: Sequence[str] = ()) -> None:
         if not len(self.deviation):
