@@ -19,6 +19,7 @@ METHOD_COLOR = {"backprop": "#d62728", "torchdyn-autograd": "#8c564b",
                 "torchdyn-adjoint": "#9467bd", "torchdyn-interp-adjoint": "#e377c2",
                 "ckpt-step": "#ff7f0e", "ckpt-stage": "#bcbd22",
                 "ours-torchdiffeq": "#2ca02c", "ours-min": "#74c476", "ours-max": "#00441b", "ours-torchdyn": "#7f7f7f",
+                "ours-trajectory": "#a6761d", "ours-sqrt": "#66a61e", "ours-16MiB": "#1b9e77",
                 # the budget sweep: darker green for a larger budget
                 **dict(zip(BUDGET_METHODS, ("#c7e9c0", "#a1d99b", "#41ab5d", "#238b45", "#005a32")))}
 
@@ -52,6 +53,20 @@ def plots(records: Iterable[Record | Mapping[str, Any]], out: Path) -> list[Path
                     title="Time, forward + backward (median)")
         _shared_legend(fig, axes[0])
         written.append(_save(fig, out / "steps_memory_time.png"))
+
+    long = ok([r for r in records if r.problem == "long" and r.case.get("n_steps")])
+    if long:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        _memory_and_time_lines(axes, long, lambda r: r.case["n_steps"])
+        ns = sorted({r.case["n_steps"] for r in long})
+        state = long[0].state_bytes
+        axes[0].plot(ns, [n * state / 2 ** 20 for n in ns], ":", color="gray", label="N × |y| (one state/step)")
+        axes[0].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="peak memory (MiB)",
+                    title="Large state, small field: peak memory")
+        axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
+                    title="Time, forward + backward (median)")
+        _shared_legend(fig, axes[0])
+        written.append(_save(fig, out / "long_memory_time.png"))
 
     stages = ok([r for r in records if r.problem == "stages"])
     if stages:

@@ -15,12 +15,14 @@ known (fixed grid); otherwise a first solve without a graph records torchdiffeq'
 replay takes exactly that step (that recording solve is part of the method's forward time and NFE).
 
 The symplectic adjoint runs at its default ``memory_budget`` (``ours-torchdiffeq``: no budget argument), at
-``"min"`` and ``"max"``, and at fractions of backprop's saved bytes on the case (``ours-budget-<fraction>``,
-:func:`backprop_saved_bytes`): the ``budget`` problem's sweep.
+``"min"``, ``"trajectory"`` and ``"max"``, at ``2√N`` states (``ours-sqrt``, fixed grids), at 16 MiB, and at
+fractions of backprop's saved bytes on the case (``ours-budget-<fraction>``, :func:`backprop_saved_bytes`): the
+``budget`` problem's sweep.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ import torchdiffeq
 from torch.utils.checkpoint import checkpoint
 
 from .models import CountingField
-from .problems import Setup
+from .problems import LONG_BACKPROP_MAX_STEPS, Setup
 
 # Captured before anything calls symadj_plugins.register() (which replaces the attribute with a drop-in
 # that forwards every adjoint_method but "symplectic" here anyway).
@@ -65,6 +67,9 @@ class Method:
 # torchdiffeq
 
 def _backprop(setup: Setup, f: CountingField):
+    if setup.case.get("problem") == "long" and setup.case.get("n_steps", 0) > LONG_BACKPROP_MAX_STEPS:
+        raise Unavailable(f"n/a: backprop through {setup.case['n_steps']} steps would hold gigabytes (N·s graphs)")
+
     def run():
         return torchdiffeq.odeint(f, setup.y0, setup.t, rtol=setup.rtol, atol=setup.atol, method=setup.method,
                                   options=dict(setup.options))
@@ -93,14 +98,22 @@ def _adjoint(tight: bool = False, seminorm: bool = False):
 _DEFAULT = object()  # no memory_budget argument at all: the symplectic adjoint's own default
 
 
-def _ours_torchdiffeq(memory_budget=_DEFAULT, fraction: float | None = None):
+def _ours_torchdiffeq(memory_budget=_DEFAULT, fraction: float | None = None, sqrt_states: bool = False):
     """``odeint_symplectic_adjoint`` with ``memory_budget`` (a budget as the user writes it), or with ``fraction``
-    × backprop's saved bytes on the case (:func:`backprop_saved_bytes`), or with no budget argument at all."""
+    × backprop's saved bytes on the case (:func:`backprop_saved_bytes`), or with ``2√N`` states' bytes (a fixed grid
+    of ``N`` steps), or with no budget argument at all."""
     def prepare(setup: Setup, f: CountingField):
         from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
         params = setup.params()
         kwargs, info = {}, {}
-        if fraction is not None:
+        if sqrt_states:
+            n = setup.case.get("n_steps")
+            if n is None or setup.adaptive:
+                raise Unavailable("n/a: 2√N states needs N in advance (a fixed grid)")
+            states = math.ceil(2 * math.sqrt(n))
+            kwargs["memory_budget"] = states * setup.state_bytes
+            info = {"budget": f"2√N = {states} states", "budget_bytes": kwargs["memory_budget"]}
+        elif fraction is not None:
             reference = backprop_saved_bytes(setup)
             kwargs["memory_budget"] = int(fraction * reference)
             info = {"budget": f"{fraction:g} × backprop", "budget_fraction": fraction,
@@ -275,6 +288,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _torchdyn("interpolated_adjoint")),
     Method("ours-torchdiffeq", "ours: symplectic adjoint (torchdiffeq), default budget", "ours", _ours_torchdiffeq()),
     Method("ours-min", "ours (torchdiffeq), memory_budget='min'", "ours", _ours_torchdiffeq("min")),
+    Method("ours-sqrt", "ours (torchdiffeq), memory_budget = 2√N states", "ours", _ours_torchdiffeq(sqrt_states=True)),
+    Method("ours-trajectory", "ours (torchdiffeq), memory_budget='trajectory'", "ours",
+           _ours_torchdiffeq("trajectory")),
+    Method("ours-16MiB", "ours (torchdiffeq), memory_budget='16MiB'", "ours", _ours_torchdiffeq("16MiB")),
     *[Method(budget_method(x), f"ours (torchdiffeq), memory_budget = {x:g} × backprop's saved bytes", "ours",
              _ours_torchdiffeq(fraction=x)) for x in BUDGET_FRACTIONS],
     Method("ours-max", "ours (torchdiffeq), memory_budget='max'", "ours", _ours_torchdiffeq("max")),
@@ -288,9 +305,12 @@ BUDGET_METHODS = [budget_method(x) for x in BUDGET_FRACTIONS]
 DEFAULT_METHODS = {
     "cnf": [m for m in METHODS if m not in BUDGET_METHODS],
     "steps": ["backprop", "ckpt-step", "ckpt-stage", "adjoint", "torchdyn-autograd", "ours-torchdiffeq", "ours-min",
-              "ours-torchdyn"],
-    # The budget sweep, with the other methods as points on the same time-vs-memory axes.
-    "budget": ["backprop", "adjoint", "ckpt-step", "ckpt-stage", "ours-torchdiffeq", *BUDGET_METHODS, "ours-max"],
+              "ours-sqrt", "ours-trajectory", "ours-torchdyn"],
+    # The budget sweep, with the other methods as points on the same time-vs-memory axes (budget 0 is "min";
+    # "trajectory" is one state per step, between it and the fractions of backprop's bytes).
+    "budget": ["backprop", "adjoint", "ckpt-step", "ckpt-stage", "ours-torchdiffeq", *BUDGET_METHODS,
+               "ours-trajectory", "ours-max"],
+    "long": ["backprop", "adjoint", "ours-min", "ours-sqrt", "ours-16MiB", "ours-trajectory", "ours-torchdiffeq"],
     "stages": ["backprop", "ckpt-step", "ckpt-stage", "adjoint", "ours-torchdiffeq", "ours-torchdyn"],
     "physics": ["backprop", "adjoint", "ours-torchdiffeq"],
 }

@@ -14,6 +14,9 @@ exactly the same model, data and solver settings from it. :func:`build` turns a 
   and both checkpointing baselines as points on the same time-vs-memory axes (``case['model']`` names the model).
 - ``physics``: a discretised KdV equation with a learned nonlinearity (stiff-ish), float32 and float64,
   gradient error vs tolerance for the continuous adjoint and ours.
+- ``long``: a large state and a small field (a 512×64 state, an MLP 65-16-64 of 2 144 parameters), where the stored
+  trajectory is the whole bill: rk4 at N = 100, 1 000, 10 000 and dopri5; memory and time against N for backprop (where
+  it fits), the continuous adjoint and ours below, at and above one state per step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import torch
 
 from .models import CNFField, KdVField, MLPField, cnf_nll
 
-PROBLEMS = ("cnf", "steps", "stages", "physics", "budget")
+PROBLEMS = ("cnf", "steps", "stages", "physics", "budget", "long")
+
+# Backprop through more steps than this on the ``long`` problem would hold gigabytes (N·s graphs): not run.
+LONG_BACKPROP_MAX_STEPS = 1000
 
 FIXED_GRID = ("euler", "midpoint", "rk4")
 STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 7, "dopri8": 14}  # tests/test_bench.py checks them
@@ -138,6 +144,14 @@ def cases(problem: str, quick: bool) -> list[dict]:
         return out
     if problem == "budget":
         return _budget_cases(quick)
+    if problem == "long":
+        size = dict(dim=16, width=8, depth=1, batch=64) if quick else dict(dim=64, width=16, depth=1, batch=512)
+        ns = (10, 100) if quick else (100, 1000, 10_000)
+        out = [dict(problem="long", **size, solver="rk4", n_steps=n, dtype="float32", seed=0, role="all",
+                    label=f"rk4 N={n}") for n in ns]
+        out.append(dict(problem="long", **size, solver="dopri5", rtol=1e-5, atol=1e-6, dtype="float32", seed=0,
+                        role="all", label="dopri5 rtol=1e-5"))
+        return out
     raise ValueError(f"unknown problem {problem!r}; choose from {', '.join(PROBLEMS)}")
 
 
@@ -175,7 +189,7 @@ def build(case: dict, device: torch.device | str = "cpu") -> Setup:
     problem = case.get("model", case["problem"])  # a budget case names the problem whose model it uses
     if problem == "cnf":
         field_, y0, loss, t_end = _cnf(case)
-    elif problem in ("steps", "stages"):
+    elif problem in ("steps", "stages", "long"):
         field_, y0, loss, t_end = _mlp(case)
     elif problem == "physics":
         field_, y0, loss, t_end = _kdv(case)
