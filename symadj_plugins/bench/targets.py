@@ -56,15 +56,68 @@ def targets(records: Iterable[Record | Mapping[str, Any]]) -> list[dict]:
         curve = sorted((r.grad_err, r.total_s) for r in ok(cnf) if r.method == "adjoint" and r.grad_err is not None)
         out.append(_equal_error_target(ours, curve))
 
-    g = growth_per_step(of_problem(records, "steps"), "ours-min")  # the least memory: one state per step
+    g = growth_per_step(of_problem(records, "steps"), "ours-trajectory")  # one state per step
     if g:
         slope, state = g
         # Besides the state, each step keeps its float64 times (t0, t1, dt and the s stage times of rk4):
         # 56 B. The target allows that bookkeeping (64 B), not a second state.
-        out.append(_target("steps", "peak memory grows ≤ one state per step (memory_budget='min')", slope / state, 1.0,
-                           slope <= state + STEP_BOOKKEEPING_BYTES,
+        out.append(_target("steps", "peak memory grows ≤ one state per step (memory_budget='trajectory')",
+                           slope / state, 1.0, slope <= state + STEP_BOOKKEEPING_BYTES,
                            f"{slope:.0f} B/step; one state = {state} B; allowance for the step's float64 times "
                            f"{STEP_BOOKKEEPING_BYTES} B"))
+    out += _below_one_state_per_step(records)
+    return out
+
+
+def _ratio(a: Record | None, b: Record | None, attr: str) -> float | None:
+    return None if a is None or b is None else getattr(a, attr) / getattr(b, attr)
+
+
+def _below_one_state_per_step(records: list[Record]) -> list[dict]:
+    """Issue 15's targets: ``"min"`` (O(log N) states), ``2√N`` states, and the default's bound."""
+    out = []
+    steps = {r.case.get("n_steps"): by_method(ok([x for x in records if x.problem == "steps"
+                                                 and x.case.get("n_steps") == r.case.get("n_steps")]))
+             for r in records if r.problem == "steps"}
+    at_1000 = steps.get(1000, {})
+    ratio = _ratio(at_1000.get("ours-min"), at_1000.get("adjoint"), "peak_bytes")
+    if ratio is not None:
+        out.append(_target("steps", "N=1000: 'min' peak ≤ 0.5 × the continuous adjoint's", ratio, 0.5, ratio <= 0.5))
+    for method, goal in (("ours-min", 2.0), ("ours-sqrt", 1.35)):
+        ratio = _ratio(at_1000.get(method), at_1000.get("ours-trajectory"), "total_s")
+        if ratio is not None:
+            out.append(_target("steps", f"N=1000: {method} time ≤ {goal:g} × 'trajectory' time", ratio, goal, None,
+                               timing=True))
+    ratio = _ratio(at_1000.get("ours-torchdiffeq"), at_1000.get("backprop"), "total_s")
+    if ratio is not None:
+        out.append(_target("steps", "N=1000: default time ≤ 1.55 × backprop", ratio, 1.55, None, timing=True))
+
+    long = {r.case.get("n_steps"): by_method(ok([x for x in records if x.problem == "long"
+                                                and x.case.get("n_steps") == r.case.get("n_steps")]))
+            for r in records if r.problem == "long" and r.case.get("n_steps")}
+    ratio = _ratio(long.get(1000, {}).get("ours-min"), long.get(1000, {}).get("adjoint"), "peak_bytes")
+    if ratio is not None:
+        out.append(_target("long", "N=1000: 'min' peak ≤ the continuous adjoint's", ratio, 1.0, ratio <= 1.0))
+    for n, goal in ((1000, 1.5), (10_000, 2.0)):
+        ratio = _ratio(long.get(n, {}).get("ours-min"), long.get(100, {}).get("ours-min"), "peak_bytes")
+        if ratio is not None:
+            out.append(_target("long", f"'min' peak at N={n} ≤ {goal:g} × its peak at N=100", ratio, goal,
+                               ratio <= goal))
+
+    # The default never holds more than twice what "trajectory" does, on every case that ran both.
+    worst, where = None, ""
+    for case in dict.fromkeys((r.problem, r.label) for r in records):
+        by = by_method(ok([r for r in records if (r.problem, r.label) == case]))
+        ratio = _ratio(by.get("ours-torchdiffeq"), by.get("ours-trajectory"), "peak_bytes")
+        if ratio is not None and (worst is None or ratio > worst):
+            worst, where = ratio, f"{case[0]} {case[1]}"
+    if worst is not None:
+        out.append(_target("all", "default peak ≤ 2 × 'trajectory' peak (worst case)", worst, 2.0, worst <= 2.0,
+                           where))
+    cnf = by_method(ok(headline(of_problem(records, "cnf"))))
+    ratio = _ratio(cnf.get("ours-torchdiffeq"), cnf.get("backprop"), "total_s")
+    if ratio is not None:
+        out.append(_target("cnf", "default time ≤ 1.3 × backprop", ratio, 1.3, None, timing=True))
     return out
 
 
