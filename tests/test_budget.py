@@ -4,6 +4,7 @@ no more than the trajectory plus the budget; bad budgets and unknown options are
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -208,12 +209,40 @@ def test_bad_budgets_name_the_accepted_forms(value, error):
 def test_unknown_adjoint_options_are_refused_with_the_valid_keys():
     func = WideField(8).double()
     y0 = torch.randn(2, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"'norm'.*valid keys: 'memory_budget'"):
+    with pytest.raises(ValueError, match=r"'nrom'.*valid keys: 'memory_budget'"):
         odeint_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), adjoint_method="symplectic",
-                       adjoint_options=dict(norm="seminorm"))
+                       adjoint_options=dict(nrom="seminorm", norm="seminorm"))
     with pytest.raises(ValueError, match=r"'budget'.*valid keys: 'memory_budget'"):
         with symadj_plugins.options(budget=5):
             pass
+
+
+def test_continuous_adjoint_options_are_ignored_with_one_warning_naming_them():
+    """torchdiffeq's own recommendation, adjoint_options=dict(norm="seminorm"), keeps working after switching to the
+    symplectic adjoint: its keys (and any other option of torchdiffeq's adjoint solve) are ignored, with one
+    warning naming them; the gradient is the one without them, and memory_budget beside them still applies."""
+    func = WideField(8).double()
+    y0 = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+
+    def grad(**kwargs):
+        out = odeint_adjoint(func, y0, t, method="dopri5", adjoint_method="symplectic", **kwargs)
+        return torch.autograd.grad(out.square().sum(), y0)[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        want = grad()
+        got = grad(adjoint_options=dict(norm="seminorm"))
+    assert [str(w.message).split(" ignored")[0] for w in caught] == ["adjoint_options 'norm'"]
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert torch.equal(got, want)
+    with pytest.warns(UserWarning, match=r"^adjoint_options 'first_step', 'norm', 'step_size' ignored") as caught:
+        got = grad(adjoint_options=dict(step_size=0.1, norm="seminorm", first_step=1e-3, memory_budget="min"))
+    assert len(caught) == 1 and torch.equal(got, grad(adjoint_options=dict(memory_budget="min")))
+    with pytest.warns(UserWarning, match="'norm'"):
+        seen = _budget_seen(solve=odeint_adjoint, adjoint_method="symplectic",
+                            adjoint_options=dict(memory_budget="max", norm="seminorm"))
+    assert seen == MemoryBudget(math.inf)
 
 
 def test_conflicting_arguments_are_refused():

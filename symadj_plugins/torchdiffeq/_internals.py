@@ -25,7 +25,7 @@ from ..core import ButcherTableau
 
 __all__ = ["SOLVERS", "Perturb", "RKAdaptiveStepsizeODESolver", "TESTED_VERSIONS", "_adaptive_tableau",
            "_check_inputs", "_check_torchdiffeq", "_fixed_grid", "_flat_to_shape", "_interp_evaluate", "_modules",
-           "find_parameters", "perturb_base", "perturbed_time"]
+           "continuous_adjoint_options", "find_parameters", "perturb_base", "perturbed_time"]
 
 TESTED_VERSIONS = "0.2.4 and 0.2.5"
 
@@ -67,6 +67,20 @@ def perturbed_time(t: torch.Tensor, y: torch.Tensor, perturb: Perturb) -> torch.
     if perturb is Perturb.PREV:
         return torch.nextafter(t, t - 1)
     return t
+
+
+@functools.cache
+def continuous_adjoint_options() -> frozenset[str]:
+    """The keys ``torchdiffeq.odeint_adjoint``'s ``adjoint_options`` may hold: the options of the adjoint ODE's solve,
+    i.e. the keyword parameters of torchdiffeq's solvers (``step_size``, ``first_step``, ``max_num_steps``, ...) and
+    ``norm`` (which ``_check_inputs`` handles)."""
+    names = {"norm"}
+    for solver in SOLVERS.values():
+        for cls in inspect.getmro(solver):
+            if "__init__" in vars(cls) and cls is not object:
+                names.update(name for name, p in inspect.signature(cls.__init__).parameters.items()
+                             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return frozenset(names - {"self", "func", "y0", "rtol", "atol"})
 
 
 def _modules():

@@ -4,7 +4,9 @@ arguments (method, parameters, memory budget)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -14,7 +16,14 @@ from ..core import HostSolver, odeint_symplectic
 from ..core.budget import MemoryBudget
 from ..inputs import check_times, parameters_requiring_grad
 from ..options import SymplecticAdjoint, current_options
-from ._internals import SOLVERS, RKAdaptiveStepsizeODESolver, _check_inputs, _flat_to_shape, find_parameters
+from ._internals import (
+    SOLVERS,
+    RKAdaptiveStepsizeODESolver,
+    _check_inputs,
+    _flat_to_shape,
+    continuous_adjoint_options,
+    find_parameters,
+)
 from .events import _check_event_inputs, _odeint_until_event
 from .fixed_grid import _FIXED_GRID, FixedGridRule
 from .host import _TorchdiffeqHost
@@ -130,21 +139,36 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
     Any other ``adjoint_method`` keeps torchdiffeq's meaning (the solver of the continuous adjoint ODE) and
     the call goes to torchdiffeq unchanged. With ``"symplectic"`` the call goes to
     :func:`odeint_symplectic_adjoint`; ``adjoint_options`` then holds the symplectic adjoint's options
-    (``dict(memory_budget=...)``: the fields of :class:`symadj_plugins.SymplecticAdjoint`; any other key is a
-    ``ValueError`` naming the valid ones), and ``adjoint_rtol`` and ``adjoint_atol`` are accepted and ignored,
-    because the symplectic adjoint solves no second ODE: it replays the forward pass's own accepted steps
-    exactly, so there is no backward tolerance to choose.
+    (``dict(memory_budget=...)``: the fields of :class:`symadj_plugins.SymplecticAdjoint`). ``adjoint_rtol`` and
+    ``adjoint_atol`` are accepted and ignored, and so are the ``adjoint_options`` keys of torchdiffeq's continuous
+    adjoint (``norm``, ``step_size``, ``first_step``, ...: any option of torchdiffeq's solvers), with one
+    ``UserWarning`` naming those keys, because the symplectic adjoint solves no second ODE: it replays the forward
+    pass's own accepted steps exactly, so there is no backward tolerance, norm or step to choose. So
+    torchdiffeq's recommended ``adjoint_options=dict(norm="seminorm")`` keeps working. Any other key is a
+    ``ValueError`` naming the valid ones.
     """
     if method == SYMPLECTIC:
         raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
     if adjoint_method == SYMPLECTIC:
-        adjoint = SymplecticAdjoint.from_options(adjoint_options)
+        adjoint = SymplecticAdjoint.from_options(_without_continuous_adjoint_options(adjoint_options))
         return odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                          event_fn=event_fn, adjoint_params=adjoint_params, adjoint=adjoint)
     return _original_odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                     event_fn=event_fn, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                                     adjoint_method=adjoint_method, adjoint_options=adjoint_options,
                                     adjoint_params=adjoint_params)
+
+
+def _without_continuous_adjoint_options(adjoint_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``adjoint_options`` less the keys only torchdiffeq's continuous adjoint uses, with one warning naming them."""
+    given = dict(adjoint_options or {})
+    ours = {field.name for field in dataclasses.fields(SymplecticAdjoint)}
+    ignored = sorted(key for key in given if key in continuous_adjoint_options() and key not in ours)
+    if ignored:
+        warnings.warn(f"adjoint_options {', '.join(map(repr, ignored))} ignored: they configure torchdiffeq's "
+                      f"continuous adjoint (its backward ODE solve), and adjoint_method={SYMPLECTIC!r} solves no "
+                      "backward ODE (it replays the forward pass's accepted steps exactly)", UserWarning, stacklevel=3)
+    return {key: value for key, value in given.items() if key not in ignored}
 
 
 def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Tensor, atol: float | torch.Tensor,
