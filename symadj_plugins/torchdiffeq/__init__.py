@@ -13,6 +13,9 @@ if they differ; each is exercised by ``tests/test_torchdiffeq_internals.py``:
   ``Perturb``: the entry points ``torchdiffeq.odeint`` itself uses; ``_PerturbFunc`` (its ``base_func`` and the time
   its ``forward`` passes on, restated in ``perturbed_time``): the replay calls the wrapped function directly.
 - ``torchdiffeq._impl.adjoint.find_parameters``: the default ``adjoint_params``.
+- ``torchdiffeq._impl.misc._select_initial_step`` and the adaptive solvers' ``first_step``, ``dtype``, ``func``,
+  ``y0``, ``order``, ``rtol``, ``atol``, ``norm``: :func:`initial_step` computes the first step as
+  ``_before_integrate`` does.
 - ``RKAdaptiveStepsizeODESolver``: ``.tableau`` (``alpha``, ``beta``, ``c_sol``), ``.rk_state`` (``y1``, ``f1``,
   ``t1``) read at accepted steps, ``._interp_fit`` and ``interp._interp_evaluate`` for dense output.
 - ``FixedGridODESolver``: ``.perturb``, ``.interp``, ``._linear_interp``, ``._cubic_hermite_interp``, and the
@@ -32,16 +35,23 @@ One module per job, so that a torchdiffeq upgrade lands in one of them:
 - ``recording.py``: the recorder that stands between torchdiffeq's solver and ``func`` and keeps the accepted steps;
 - ``host.py``: ``_TorchdiffeqHost``, one solve as the core's ``HostSolver`` (solve, then the replay);
 - ``events.py``: event mode (``event_fn``): its input checks, fixed-grid step recording, the ``t[0]`` gradient;
-- ``api.py``: :func:`odeint_symplectic_adjoint`, :func:`odeint_adjoint`, :func:`torchdiffeq_host`,
-  :func:`supported_methods` and the resolution of their arguments;
+- ``api.py``: :func:`odeint_symplectic_adjoint`, :func:`odeint_adjoint`, :func:`initial_step`,
+  :func:`torchdiffeq_host`, :func:`supported_methods` and the resolution of their arguments;
 - ``registration.py``: :func:`install`, what ``symadj_plugins.register()`` patches in torchdiffeq.
 """
 
 from __future__ import annotations
 
-from .api import SYMPLECTIC, odeint_adjoint, odeint_symplectic_adjoint, supported_methods, torchdiffeq_host
+from .api import (
+    SYMPLECTIC,
+    initial_step,
+    odeint_adjoint,
+    odeint_symplectic_adjoint,
+    supported_methods,
+    torchdiffeq_host,
+)
 from .fixed_grid import FixedGridRule
 from .registration import install
 
-__all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "supported_methods", "SYMPLECTIC", "FixedGridRule",
-           "torchdiffeq_host", "install"]
+__all__ = ["odeint_symplectic_adjoint", "odeint_adjoint", "initial_step", "supported_methods", "SYMPLECTIC",
+           "FixedGridRule", "torchdiffeq_host", "install"]

@@ -17,7 +17,7 @@ import torch
 from torchdiffeq._impl import fixed_grid as _fixed_grid
 from torchdiffeq._impl.adjoint import find_parameters
 from torchdiffeq._impl.interp import _interp_evaluate
-from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape, _PerturbFunc
+from torchdiffeq._impl.misc import Perturb, _check_inputs, _flat_to_shape, _PerturbFunc, _select_initial_step
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
@@ -25,7 +25,7 @@ from ..core import ButcherTableau
 
 __all__ = ["SOLVERS", "Perturb", "RKAdaptiveStepsizeODESolver", "TESTED_VERSIONS", "_adaptive_tableau",
            "_check_inputs", "_check_torchdiffeq", "_fixed_grid", "_flat_to_shape", "_interp_evaluate", "_modules",
-           "continuous_adjoint_options", "find_parameters", "perturb_base", "perturbed_time"]
+           "continuous_adjoint_options", "find_parameters", "selected_initial_step", "perturb_base", "perturbed_time"]
 
 TESTED_VERSIONS = "0.2.4 and 0.2.5"
 
@@ -67,6 +67,23 @@ def perturbed_time(t: torch.Tensor, y: torch.Tensor, perturb: Perturb) -> torch.
     if perturb is Perturb.PREV:
         return torch.nextafter(t, t - 1)
     return t
+
+
+def selected_initial_step(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor,
+                          rtol: float | torch.Tensor, atol: float | torch.Tensor, method: str,
+                          options: dict | None) -> torch.Tensor:
+    """The first step ``torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)``
+    takes with the adaptive ``method`` (a 0-d tensor of its time dtype, in its normalised time, which is what the
+    ``first_step`` option means): as its ``RKAdaptiveStepsizeODESolver._before_integrate`` computes it, through
+    ``_check_inputs``, the solver's own attributes and ``_select_initial_step``. Call under ``no_grad``."""
+    _, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(func, y0, t, rtol, atol, method, options,
+                                                                      None, SOLVERS)
+    solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
+    if solver.first_step is not None:
+        return solver.first_step
+    t0 = t.to(solver.dtype)[0]  # as AdaptiveStepsizeODESolver.integrate passes t on
+    return _select_initial_step(solver.func, t0, solver.y0, solver.order - 1, solver.rtol, solver.atol, solver.norm,
+                                f0=solver.func(t0, solver.y0))
 
 
 @functools.cache

@@ -23,12 +23,14 @@ from ._internals import (
     _flat_to_shape,
     continuous_adjoint_options,
     find_parameters,
+    selected_initial_step,
 )
 from .events import _check_event_inputs, _odeint_until_event
 from .fixed_grid import _FIXED_GRID, FixedGridRule
 from .host import _TorchdiffeqHost
 
-__all__ = ["SYMPLECTIC", "odeint_adjoint", "odeint_symplectic_adjoint", "supported_methods", "torchdiffeq_host"]
+__all__ = ["SYMPLECTIC", "initial_step", "odeint_adjoint", "odeint_symplectic_adjoint", "supported_methods",
+           "torchdiffeq_host"]
 
 SYMPLECTIC = "symplectic"
 """The ``adjoint_method`` value that selects the symplectic adjoint in :func:`odeint_adjoint`."""
@@ -169,6 +171,38 @@ def _without_continuous_adjoint_options(adjoint_options: Mapping[str, Any] | Non
                       f"continuous adjoint (its backward ODE solve), and adjoint_method={SYMPLECTIC!r} solves no "
                       "backward ODE (it replays the forward pass's accepted steps exactly)", UserWarning, stacklevel=3)
     return {key: value for key, value in given.items() if key not in ignored}
+
+
+def initial_step(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *,
+                 method: str | None = None, rtol: float | torch.Tensor = 1e-7, atol: float | torch.Tensor = 1e-9,
+                 options: dict | None = None) -> float:
+    """The first step ``torchdiffeq.odeint(func, y0, t, method=..., rtol=..., atol=..., options=...)`` would take
+    with an adaptive method, as a constant: pass it as ``options=dict(first_step=...)`` to both backprop
+    (``torchdiffeq.odeint``) and the symplectic adjoint to compare their gradients exactly.
+
+    Why: backprop through ``torchdiffeq.odeint`` also differentiates torchdiffeq's choice of the initial step
+    (``_select_initial_step`` depends on ``y0`` and ``f``), while every adjoint method, this one included, holds
+    step sizes constant; with ``first_step`` fixed both take the same steps and agree to rounding.
+
+    Computed by torchdiffeq's own ``_select_initial_step`` on its normalised inputs (tuple states, decreasing
+    times), under ``no_grad``: one evaluation of ``func`` at ``t[0]`` and one a small step later. Arguments as in
+    ``torchdiffeq.odeint`` (same defaults); a ``first_step`` already in ``options`` is returned as it is.
+
+    Returns:
+        The step size, a Python float (exact: torchdiffeq's time dtype is float64 unless ``options`` sets it).
+    Raises:
+        ValueError: for a fixed-grid method (its steps are ``step_size`` or the grid of ``t``, no first step).
+    """
+    method = "dopri5" if method is None else method
+    solver = SOLVERS.get(method)
+    if not (isinstance(solver, type) and issubclass(solver, RKAdaptiveStepsizeODESolver)):
+        adaptive = [name for name, cls in SOLVERS.items()
+                    if isinstance(cls, type) and issubclass(cls, RKAdaptiveStepsizeODESolver)]
+        raise ValueError(f"initial_step needs an adaptive Runge-Kutta method ({', '.join(adaptive)}), got "
+                         f"method={method!r}: other methods choose no first step (fixed grids step by step_size or "
+                         "the times t).")
+    with torch.no_grad():
+        return float(selected_initial_step(func, y0, t, rtol, atol, method, options))
 
 
 def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Tensor, atol: float | torch.Tensor,
