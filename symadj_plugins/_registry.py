@@ -9,7 +9,6 @@ objects that were there before.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import threading
 
@@ -45,26 +44,3 @@ def unregister() -> None:
 def is_registered(host: str = "torchdiffeq") -> bool:
     """Whether ``register()`` is in effect for ``host`` (``"torchdiffeq"`` or ``"torchdyn"``)."""
     return host in _installed
-
-
-def internals_error(library: str, tested: str, what: str, advice: str) -> RuntimeError:
-    """The error every adapter raises when its host library's internals are not what it was written against.
-
-    Args:
-        library: the host's distribution name (``"torchdyn"``), whose installed version the message names.
-        tested: the version(s) the adapter was written against, as text.
-        what: what differs, a clause.
-        advice: what the user can do instead, a sentence.
-    """
-    try:
-        installed = importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout of the host
-        installed = "(unknown version)"
-    return RuntimeError(f"symadj_plugins' {library} adapter was written against {library} {tested}, and the "
-                        f"installed {library} {installed} does not match what it expects: {what}. {advice}")
-
-
-def check_internals(library: str, tested: str, problems: list[str], advice: str) -> None:
-    """Raises :func:`internals_error` listing ``problems`` (an adapter's ``_check_<host>()`` result), if any."""
-    if problems:
-        raise internals_error(library, tested, "; ".join(problems), advice)

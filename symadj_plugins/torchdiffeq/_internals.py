@@ -22,6 +22,7 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ..core import ButcherTableau
+from ..errors import parameter_names
 
 __all__ = ["SOLVERS", "Perturb", "RKAdaptiveStepsizeODESolver", "TESTED_VERSIONS", "_adaptive_tableau",
            "_check_inputs", "_check_torchdiffeq", "_fixed_grid", "_flat_to_shape", "_interp_evaluate", "_modules",
@@ -121,10 +122,10 @@ def _check_wrapped() -> list[str]:
     odeint_module, adjoint_module = _modules()
     for module in (odeint_module, adjoint_module):
         fn = getattr(module, "_check_inputs", None)
-        if fn is None or _parameter_names(fn)[:6] != ["func", "y0", "t", "rtol", "atol", "method"]:
+        if fn is None or parameter_names(fn)[:6] != ["func", "y0", "t", "rtol", "atol", "method"]:
             found.append(f"{module.__name__}._check_inputs is missing or does not take (func, y0, t, rtol, atol, "
                          "method, ...)")
-    if not callable(getattr(adjoint_module, "odeint", None)) or "method" not in _parameter_names(adjoint_module.odeint):
+    if not callable(getattr(adjoint_module, "odeint", None)) or "method" not in parameter_names(adjoint_module.odeint):
         found.append(f"{adjoint_module.__name__}.odeint is missing or has no method parameter")
     return found
 
@@ -155,7 +156,3 @@ def _check_solvers() -> list[str]:
     found += [f"torchdiffeq's solver name {cls.__name__.lower()!r} no longer means {cls.__name__}"
               for cls in _FIXED_GRID if SOLVERS.get(cls.__name__.lower(), cls) is not cls]
     return found
-
-
-def _parameter_names(fn: Callable) -> list[str]:
-    return list(inspect.signature(fn).parameters)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torchdiffeq
 
-from .._registry import check_internals
+from ..errors import check_internals
 from ._internals import TESTED_VERSIONS, _check_torchdiffeq, _modules
 from .api import _SYMPLECTIC_IS_NOT_A_METHOD, SYMPLECTIC, odeint_adjoint
 
