@@ -21,6 +21,7 @@ from ._internals import (
     RKAdaptiveStepsizeODESolver,
     _check_inputs,
     _flat_to_shape,
+    check_torchdiffeq_once,
     continuous_adjoint_options,
     find_parameters,
     selected_initial_step,
@@ -110,6 +111,7 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
         ``(event_t, solution)``, ``event_t`` a scalar tensor and ``solution`` of shape ``(2, *y0.shape)``
         (``y0`` and the state at ``event_t``), or a tuple of such for a tuple ``y0``.
     """
+    check_torchdiffeq_once()
     check_times(t)
     method = _check_method(method)
     params = _adjoint_params(func, adjoint_params)
@@ -193,6 +195,7 @@ def initial_step(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t:
     Raises:
         ValueError: for a fixed-grid method (its steps are ``step_size`` or the grid of ``t``, no first step).
     """
+    check_torchdiffeq_once()
     method = "dopri5" if method is None else method
     solver = SOLVERS.get(method)
     if not (isinstance(solver, type) and issubclass(solver, RKAdaptiveStepsizeODESolver)):
@@ -220,7 +223,9 @@ def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Ten
     Besides the ``HostSolver`` methods, the host's ``func``, ``adaptive``, ``tableau`` and, after ``solve``,
     ``solver`` (torchdiffeq's solver object that took the steps) are part of this contract.
     """
-    return _TorchdiffeqHost(func, method, rtol, atol, options, store_stages=store_stages, rule=rule)
+    check_torchdiffeq_once()
+    return _TorchdiffeqHost(func, method, rtol, atol, options, memory_budget=_memory_budget(None, None, store_stages),
+                            rule=rule)
 
 
 def _check_method(method: str | None) -> str:

@@ -42,15 +42,15 @@ _FIRST_STAGE_PERTURB = {_START_INITIAL: Perturb.NONE, _START_FSAL: Perturb.PREV,
 class _TorchdiffeqHost(HostSolver):
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
-    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False,
+    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict,
                  memory_budget: MemoryBudget | None = None, params: Sequence[torch.Tensor] = (),
                  rule: FixedGridRule | None = None, user_func: Callable | None = None,
                  event_fn: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self._perturb_base = perturb_base(func)  # what _PerturbFunc calls (the replay calls it directly)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
-        # What the forward pass keeps for the backward pass (core.budget); store_stages is the older switch.
-        self.memory_budget = memory_budget or MemoryBudget.parse("stages" if store_stages else "min")
+        # What the forward pass keeps for the backward pass (core.budget).
+        self.memory_budget = memory_budget or MemoryBudget.parse("min")
         self.params = tuple(params)  # differentiated: alive anyway, so not counted as graph bytes
         # Event mode (torchdiffeq's normalised event_fn): solve until it changes sign; `solve` sets
         # `event_t` (normalised time) and `num_steps`.
