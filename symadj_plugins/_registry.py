@@ -3,7 +3,7 @@
 What is patched lives with each adapter: ``symadj_plugins.<host>.install()`` replaces what it needs and returns
 the ``(owner, attribute, original)`` triples; this module only keeps those undo lists and names no host internals.
 Both functions are idempotent and atomic (one lock around both), and ``unregister()`` puts back exactly the
-objects that were there before.
+objects that were there before ``import symadj_plugins`` (the torchdyn guard of :mod:`._torchdyn_guard` included).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
+
+from ._torchdyn_guard import remove_guard
 
 _HOSTS = ("torchdiffeq", "torchdyn")  # host library; its adapter is symadj_plugins.<host>
 _lock = threading.Lock()
@@ -34,11 +36,14 @@ def register() -> None:
 
 
 def unregister() -> None:
-    """Restores every attribute ``register()`` replaced. Safe to call when nothing is registered."""
+    """Restores every attribute ``register()`` replaced, and removes the guard ``import symadj_plugins`` put on
+    torchdyn's dispatch: the host libraries hold the very objects they held before the import. Safe to call when
+    nothing is registered."""
     with _lock:
         for host in reversed(list(_installed)):
             for owner, name, original in reversed(_installed.pop(host)):
                 setattr(owner, name, original)
+        remove_guard()
 
 
 def is_registered(host: str = "torchdiffeq") -> bool:

@@ -406,9 +406,8 @@ def test_register_hooks_the_dispatch_only_and_unregister_restores_it():
     symadj_plugins.unregister()
     originals = {cls: cls.__dict__["_autograd_func"]
                  for cls in (torchdyn_problems.ODEProblem, torchdyn_problems.MultipleShootingProblem)}
-    # torchdyn alone returns None for a sensitivity it does not know; imported, symadj_plugins says what is missing.
-    with pytest.raises(RuntimeError, match=r"not registered with torchdyn: call symadj_plugins\.register\(\)"):
-        _forward(NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4"))
+    # unregister() also removed the guard of `import symadj_plugins` (test_import_and_unregister_leave_torchdyn...)
+    assert all(f.__module__ == "torchdyn.core.problems" and not hasattr(f, "__wrapped__") for f in originals.values())
 
     symadj_plugins.register()
     symadj_plugins.register()  # idempotent
@@ -558,3 +557,33 @@ print("SOLVED:", x.grad is not None)
     assert "ERROR: sensitivity='symplectic_adjoint' is provided by symadj-plugins" in done.stdout
     assert "call symadj_plugins.register()" in done.stdout
     assert "SOLVED: True" in done.stdout
+
+
+@pytest.mark.parametrize("torchdyn_first", [True, False], ids=["torchdyn_imported_first", "symadj_imported_first"])
+def test_import_and_unregister_leave_torchdyn_as_it_was(torchdyn_first):
+    """`import symadj_plugins` guards torchdyn's dispatch (documented; nothing else), and unregister() puts back the
+    very objects torchdyn held before that import, and sys.meta_path as it was."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+meta_path = list(sys.meta_path)
+if {torchdyn_first}:
+    import torchdyn.core.problems as problems
+    before = [c.__dict__["_autograd_func"] for c in (problems.ODEProblem, problems.MultipleShootingProblem)]
+import symadj_plugins
+import torchdyn.core.problems as problems
+classes = (problems.ODEProblem, problems.MultipleShootingProblem)
+if not {torchdyn_first}:
+    before = [c.__dict__["_autograd_func"].__wrapped__ for c in classes]  # torchdyn's own, under the guard
+assert all(c.__dict__["_autograd_func"] is not f for c, f in zip(classes, before))  # the guard
+symadj_plugins.register()
+symadj_plugins.unregister()
+assert all(c.__dict__["_autograd_func"] is f for c, f in zip(classes, before)), "not restored"
+assert all(f.__qualname__.endswith("._autograd_func") and f.__module__ == problems.__name__ for f in before)
+assert len(sys.meta_path) == len(meta_path) and all(a is b for a, b in zip(sys.meta_path, meta_path)), "meta_path"
+print("OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
