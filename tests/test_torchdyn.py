@@ -15,6 +15,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import rel_error
 from torch import nn
 from torchdyn.core import MultipleShootingLayer, NeuralODE, ODEProblem
 from torchdyn.core import problems as torchdyn_problems
@@ -33,7 +34,6 @@ ADAPTIVE = {"dopri5", "tsit5"}
 DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 SOLVER_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # atol = rtol of adaptive solvers
-
 
 
 pytestmark = pytest.mark.usefixtures("registered", "torchdyn_warnings_ignored")
@@ -61,10 +61,6 @@ def loss_of(sol: torch.Tensor) -> torch.Tensor:
     """Weights every output time differently, so each output's cotangent differs."""
     weights = torch.arange(1, sol.shape[0] + 1, dtype=sol.dtype)
     return (sol.pow(2).sum(dim=tuple(range(1, sol.ndim))) * weights).sum() + sol.sin().sum()
-
-
-def relative_error(got, want) -> float:
-    return max(((g - w).norm() / (w.norm() if w.norm() > 0 else 1.0)).item() for g, w in zip(got, want))
 
 
 def grads(loss, inputs):
@@ -149,7 +145,7 @@ def test_gradient_equals_backprop_through_the_same_steps(solver, case, dtype, mo
     autograd_with_constant_steps(monkeypatch)
     _, sol_ref = solve("autograd", field, x, solver=solver, **inputs)
     reference = grads(loss_of(sol_ref), wrt)
-    assert_exact(relative_error(ours, reference), dtype, solver)
+    assert_exact(rel_error(ours, reference), dtype, solver)
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])
@@ -159,7 +155,7 @@ def test_fixed_step_gradient_equals_torchdyn_autograd_itself(solver):
     wrt = [x, *field.parameters()]
     ours = grads(loss_of(solve("symplectic_adjoint", field, x, t_span, solver=solver)[1]), wrt)
     theirs = grads(loss_of(solve("autograd", field, x, t_span, solver=solver)[1]), wrt)
-    assert relative_error(ours, theirs) <= 1e-12
+    assert rel_error(ours, theirs) <= 1e-12
 
 
 def test_float32_times_with_float64_state(monkeypatch):
@@ -174,7 +170,7 @@ def test_float32_times_with_float64_state(monkeypatch):
             autograd_with_constant_steps(patch)
             t_ref, sol_ref = solve("autograd", field, x, t_span, solver=solver, interpolator="4th")
         assert torch.equal(sol, sol_ref) and torch.equal(t_ours, t_ref)
-        assert_exact(relative_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64, solver)
+        assert_exact(rel_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64, solver)
 
 
 def test_rk4_stages_are_replayed_where_torchdyns_step_evaluates_them():
@@ -235,7 +231,7 @@ def test_optimizable_params_of_a_parameterless_vector_field():
         _, sol = problem_.odeint(x, t_span)
         results.append(grads(loss_of(sol), [x, k]))
     assert results[0][1].abs() > 0
-    assert relative_error(*results) <= 1e-12
+    assert rel_error(*results) <= 1e-12
 
 
 def test_second_order_system_through_defunc():
@@ -256,7 +252,7 @@ def test_second_order_system_through_defunc():
     for sensitivity in ["symplectic_adjoint", "autograd"]:
         _, sol = NeuralODE(acc, order=2, solver="rk4", sensitivity=sensitivity)(x, t_span)
         results.append(grads(loss_of(sol), [x, *acc.parameters()]))
-    assert relative_error(*results) <= 1e-12
+    assert rel_error(*results) <= 1e-12
 
 
 class IntegralLoss(nn.Module):
@@ -287,7 +283,7 @@ def test_integral_loss_gradient_equals_autograd_on_the_augmented_state(solver, r
     _, sol_aug = NeuralODE(field, sensitivity="autograd", solver=solver, integral_loss=cost)(augmented, t_span)
     assert torch.equal(sol, sol_aug[..., 1:])
     reference = grads(sol_aug[..., 1:].pow(2).sum() + sol_aug[-1, :, 0].sum(), wrt)
-    assert relative_error(ours, reference) <= 1e-12
+    assert rel_error(ours, reference) <= 1e-12
     assert ours[-1].abs().sum() > 0
 
 
@@ -317,7 +313,7 @@ def test_integral_loss_with_an_adaptive_solver():
         k1, z, _, _ = model.solver.step(augmented_field, z, step.t, step.dt, k1=k1)
     assert torch.allclose(z[:, 1:], sol[-1], rtol=1e-13, atol=1e-13)
     reference = grads(z[:, 1:].pow(2).sum() + z[:, 0].sum(), wrt)
-    assert_exact(relative_error(ours, reference), torch.float64, "dopri5")
+    assert_exact(rel_error(ours, reference), torch.float64, "dopri5")
 
 
 def test_no_grad_gives_torchdyns_solution():
