@@ -121,12 +121,12 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, event_fn, t_is_reversed = _check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
-    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, memory_budget=budget, params=params, user_func=func,
-                            event_fn=event_fn)
+    host_args = dict(func=nfunc, method=method, rtol=rtol, atol=atol, options=options, memory_budget=budget,
+                     params=params, user_func=func)
     if event_fn is None:
-        solution = odeint_symplectic(host, y0_flat, t_norm, params)
+        solution = odeint_symplectic(_TorchdiffeqHost(**host_args), y0_flat, t_norm, params)
     else:
-        event_t, solution = _odeint_until_event(host, y0_flat, t_norm, params, t_is_reversed)
+        event_t, solution = _odeint_until_event(host_args, event_fn, y0_flat, t_norm, params, t_is_reversed)
     if shapes is not None:
         solution = _flat_to_shape(solution, (len(t),), shapes)
     return solution if event_fn is None else (event_t, solution)
