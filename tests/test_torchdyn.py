@@ -583,3 +583,21 @@ print("OK")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
+@pytest.mark.parametrize("solver", ["rk4", "dopri5"])
+def test_the_torchdyn_host_solves_the_state_and_times_it_is_given(solver, reverse):
+    """``_TorchdynHost.solve(y0, t)`` solves ``y0`` over ``t`` (core coordinates), not what ``__init__`` saw."""
+    from symadj_plugins.torchdyn.host import _TorchdynHost
+
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 4, dtype=torch.float64)
+    t_span = t_span.flip(0) if reverse else t_span
+    model = NeuralODE(field, sensitivity="symplectic_adjoint", solver=solver)
+    host = _TorchdynHost(model, x.detach(), t_span, (), {}, None, MemoryBudget.parse("min"))
+    other = 2.0 * x.detach() + 1.0
+    with torch.no_grad():
+        got, _ = host.solve(other, host.t_core[:2].clone())  # a different state, and only the first interval
+        _, want = NeuralODE(field, sensitivity="autograd", solver=solver)(other, t_span[:2])
+    assert torch.equal(got, want)
