@@ -36,7 +36,8 @@ One module per job, so that a torchdiffeq upgrade lands in one of them:
   times, perturbation flags);
 - ``recording.py``: the recorder that stands between torchdiffeq's solver and ``func`` and keeps the accepted steps;
 - ``host.py``: ``_TorchdiffeqHost``, one solve as the core's ``HostSolver`` (solve, then the replay);
-- ``events.py``: event mode (``event_fn``): its input checks, fixed-grid step recording, the ``t[0]`` gradient;
+- ``events.py``: event mode (``event_fn``): its input checks, its host (``_TorchdiffeqEventHost``, a subclass of
+  ``_TorchdiffeqHost`` that only this module knows), fixed-grid step recording, the ``t[0]`` gradient;
 - ``api.py``: :func:`odeint_symplectic_adjoint`, :func:`odeint_adjoint`, :func:`initial_step`,
   :func:`torchdiffeq_host`, :func:`supported_methods` and the resolution of their arguments;
 - ``registration.py``: :func:`install`, what ``symadj_plugins.register()`` patches in torchdiffeq.

@@ -154,7 +154,13 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
     if method == SYMPLECTIC:
         raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
     if adjoint_method == SYMPLECTIC:
-        adjoint = SymplecticAdjoint.from_options(_without_continuous_adjoint_options(adjoint_options))
+        ours, ignored = _split_adjoint_options(adjoint_options)
+        adjoint = SymplecticAdjoint.from_options(ours)  # unknown keys: a ValueError before any warning
+        if ignored:
+            warnings.warn(f"adjoint_options {', '.join(map(repr, ignored))} ignored: they configure torchdiffeq's "
+                          f"continuous adjoint (its backward ODE solve), and adjoint_method={SYMPLECTIC!r} solves no "
+                          "backward ODE (it replays the forward pass's accepted steps exactly)", UserWarning,
+                          stacklevel=2)
         return odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                          event_fn=event_fn, adjoint_params=adjoint_params, adjoint=adjoint)
     return _original_odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
@@ -163,16 +169,12 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
                                     adjoint_params=adjoint_params)
 
 
-def _without_continuous_adjoint_options(adjoint_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``adjoint_options`` less the keys only torchdiffeq's continuous adjoint uses, with one warning naming them."""
+def _split_adjoint_options(adjoint_options: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """``(the rest, the keys only torchdiffeq's continuous adjoint uses)`` of ``adjoint_options``."""
     given = dict(adjoint_options or {})
     ours = {field.name for field in dataclasses.fields(SymplecticAdjoint)}
     ignored = sorted(key for key in given if key in continuous_adjoint_options() and key not in ours)
-    if ignored:
-        warnings.warn(f"adjoint_options {', '.join(map(repr, ignored))} ignored: they configure torchdiffeq's "
-                      f"continuous adjoint (its backward ODE solve), and adjoint_method={SYMPLECTIC!r} solves no "
-                      "backward ODE (it replays the forward pass's accepted steps exactly)", UserWarning, stacklevel=3)
-    return {key: value for key, value in given.items() if key not in ignored}
+    return {key: value for key, value in given.items() if key not in ignored}, ignored
 
 
 def initial_step(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *,
