@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torchdiffeq  # noqa: E402
 
 from symadj_plugins.bench.memory import PeakMemory  # noqa: E402
-from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint  # noqa: E402
+from symadj_plugins.torchdiffeq import initial_step, odeint_symplectic_adjoint  # noqa: E402
 
 
 class Field(torch.nn.Module):
@@ -37,16 +37,6 @@ class Field(torch.nn.Module):
 
     def forward(self, t, y):
         return 4.0 * self.net(y)
-
-
-def first_step(func, y0, t, **kwargs) -> float:
-    """torchdiffeq's initial step, as a constant (backprop would differentiate its selection)."""
-    steps = []
-    func.callback_step = lambda t0, y, dt: steps.append(float(dt))
-    with torch.no_grad():
-        torchdiffeq.odeint(func, y0, t, **kwargs)
-    del func.callback_step
-    return steps[0]
 
 
 QUICK = dict(width=32, repeats=1)  # --quick: a smoke run in seconds
@@ -70,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     y0 = torch.randn(128, 16, dtype=dtype, requires_grad=True)
     t = torch.linspace(0.0, 3.0, 7, dtype=dtype)
     solve = dict(rtol=1e-7, atol=1e-9, method="dopri5")
-    solve["options"] = {"first_step": first_step(func, y0, t, **solve)}
+    solve["options"] = {"first_step": initial_step(func, y0, t, **solve)}
     params = [y0, *func.parameters()]
 
     steps = []

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torchdiffeq
 
-from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint, supported_methods
+from symadj_plugins.torchdiffeq import initial_step, odeint_symplectic_adjoint, supported_methods
 
 
 class Field(torch.nn.Module):
@@ -28,16 +28,6 @@ class Field(torch.nn.Module):
         return self.net(y) * (1 + t) + 0.1 * torch.sin(3 * t)
 
 
-def first_step(func, y0, t, **kwargs) -> float:
-    """torchdiffeq's initial step as a constant (its selection is differentiated by backprop)."""
-    steps = []
-    func.callback_step = lambda t0, y, dt: steps.append(float(dt))
-    with torch.no_grad():
-        torchdiffeq.odeint(func, y0, t, **kwargs)
-    del func.callback_step
-    return steps[0]
-
-
 def errors(method: str, dtype: torch.dtype) -> tuple[float, float, int]:
     torch.manual_seed(0)
     func = Field().to(dtype)
@@ -47,7 +37,7 @@ def errors(method: str, dtype: torch.dtype) -> tuple[float, float, int]:
     kwargs = dict(rtol=1e-5, atol=1e-6, method=method)
     options = {} if adaptive else {"step_size": 0.05}
     if adaptive:
-        options["first_step"] = first_step(func, y0, t, options=options, **kwargs)
+        options["first_step"] = initial_step(func, y0, t, options=options, **kwargs)
     steps = []
     func.callback_step = lambda t0, y, dt: steps.append(1)
     inputs = [y0, *func.parameters()]

@@ -8,6 +8,11 @@
   (and torchdyn's ``sensitivity="symplectic_adjoint"``) select it; ``unregister()`` undoes it.
 - ``symadj_plugins.SymplecticAdjoint(memory_budget=...)`` and ``with symadj_plugins.options(...)``: the method's
   options (how much memory to spend for speed), for every entry point.
+
+Importing the package patches nothing in torchdiffeq and one thing in torchdyn: its sensitivity dispatch
+(``ODEProblem._autograd_func``, now or when torchdyn is imported) is guarded so that
+``sensitivity="symplectic_adjoint"`` before ``register()`` raises an error saying to call it, instead of torchdyn's
+"'NoneType' object is not callable". ``unregister()`` removes that guard too.
 """
 
 from ._registry import is_registered, register, unregister

@@ -3,15 +3,16 @@
 What is patched lives with each adapter: ``symadj_plugins.<host>.install()`` replaces what it needs and returns
 the ``(owner, attribute, original)`` triples; this module only keeps those undo lists and names no host internals.
 Both functions are idempotent and atomic (one lock around both), and ``unregister()`` puts back exactly the
-objects that were there before.
+objects that were there before ``import symadj_plugins`` (the torchdyn guard of :mod:`._torchdyn_guard` included).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import threading
+
+from ._torchdyn_guard import remove_guard
 
 _HOSTS = ("torchdiffeq", "torchdyn")  # host library; its adapter is symadj_plugins.<host>
 _lock = threading.Lock()
@@ -35,36 +36,16 @@ def register() -> None:
 
 
 def unregister() -> None:
-    """Restores every attribute ``register()`` replaced. Safe to call when nothing is registered."""
+    """Restores every attribute ``register()`` replaced, and removes the guard ``import symadj_plugins`` put on
+    torchdyn's dispatch: the host libraries hold the very objects they held before the import. Safe to call when
+    nothing is registered."""
     with _lock:
         for host in reversed(list(_installed)):
             for owner, name, original in reversed(_installed.pop(host)):
                 setattr(owner, name, original)
+        remove_guard()
 
 
 def is_registered(host: str = "torchdiffeq") -> bool:
     """Whether ``register()`` is in effect for ``host`` (``"torchdiffeq"`` or ``"torchdyn"``)."""
     return host in _installed
-
-
-def internals_error(library: str, tested: str, what: str, advice: str) -> RuntimeError:
-    """The error every adapter raises when its host library's internals are not what it was written against.
-
-    Args:
-        library: the host's distribution name (``"torchdyn"``), whose installed version the message names.
-        tested: the version(s) the adapter was written against, as text.
-        what: what differs, a clause.
-        advice: what the user can do instead, a sentence.
-    """
-    try:
-        installed = importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout of the host
-        installed = "(unknown version)"
-    return RuntimeError(f"symadj_plugins' {library} adapter was written against {library} {tested}, and the "
-                        f"installed {library} {installed} does not match what it expects: {what}. {advice}")
-
-
-def check_internals(library: str, tested: str, problems: list[str], advice: str) -> None:
-    """Raises :func:`internals_error` listing ``problems`` (an adapter's ``_check_<host>()`` result), if any."""
-    if problems:
-        raise internals_error(library, tested, "; ".join(problems), advice)

@@ -5,8 +5,10 @@ model built with ``sensitivity="symplectic_adjoint"`` (or unpickled in a fresh p
 ``symadj_plugins.register()`` fails with "'NoneType' object is not callable". Once ``symadj_plugins`` is imported,
 this guard wraps that dispatch, as soon as ``torchdyn.core.problems`` is imported (or at once if it already is),
 to raise a ``RuntimeError`` saying to call ``register()``; every other sensitivity goes to torchdyn unchanged.
-``register()`` wraps on top of the guard and ``unregister()`` returns to it. Without ``import symadj_plugins``
-nothing of ours runs, and torchdyn's own error stands.
+``register()`` wraps on top of the guard, and ``unregister()`` removes both (:func:`remove_guard`): torchdyn's own
+``_autograd_func`` objects are back, and ``sys.meta_path`` is as it was before ``import symadj_plugins``. Without
+``import symadj_plugins`` nothing of ours runs, and torchdyn's own error stands. This is the only effect importing
+the package has on a host library (stated in the package docstring).
 
 This module imports nothing from torchdyn itself, so that ``import symadj_plugins`` stays cheap.
 """
@@ -37,6 +39,17 @@ def install_guard() -> None:
         _guard(module)
     elif not any(isinstance(finder, _GuardOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _GuardOnImport())
+
+
+def remove_guard() -> None:
+    """Undoes :func:`install_guard`: torchdyn's own dispatch functions back (the very objects), the import hook gone."""
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _GuardOnImport)]
+    problems = sys.modules.get(_TARGET)
+    for name in _CLASSES if problems is not None else ():
+        cls = getattr(problems, name, None)
+        current = getattr(cls, "__dict__", {}).get("_autograd_func")
+        if getattr(current, "_symadj_guard", False):
+            cls._autograd_func = current.__wrapped__
 
 
 class _GuardOnImport(importlib.abc.MetaPathFinder):

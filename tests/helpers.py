@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torchdiffeq
 
 from symadj_plugins.core import adjoint
-from symadj_plugins.torchdiffeq import supported_methods
+from symadj_plugins.torchdiffeq import initial_step, supported_methods
 
 # Methods of the installed torchdiffeq (heun2 appeared in 0.2.5, heun3 in 0.2.4, tsit5 after 0.2.5).
 ADAPTIVE = [m for m in ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "tsit5") if m in supported_methods()]
@@ -46,34 +45,12 @@ class TupleField(torch.nn.Module):
         return torch.tanh(self.lin(x)) * v.mean() + t, -self.scale * v * x.sum()
 
 
-def detached_first_step(func, y0, t, **kwargs) -> float:
-    """The initial step torchdiffeq selects, as a constant (``_select_initial_step`` is differentiated by
-    ``torchdiffeq.odeint`` backprop, but step sizes are constants for the symplectic adjoint)."""
-    seen = []
-
-    class Probe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.func = func
-
-        def forward(self, t_, y_):
-            return self.func(t_, y_)
-
-        def callback_step(self, t0, y0_, dt):
-            seen.append(float(dt))
-
-    with torch.no_grad():
-        torchdiffeq.odeint(Probe(), y0, t, **kwargs)
-    return seen[0]
-
-
 def reference_options(method, func, y0, t, rtol, atol, options):
     """Options that make ``torchdiffeq.odeint`` backprop the exact reference: same accepted steps, step
     sizes constant. Fixed grids need nothing; adaptive solvers get the first step as a constant."""
     options = dict(options or {})
     if method in ADAPTIVE and "first_step" not in options:
-        options["first_step"] = detached_first_step(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                                    options=options)
+        options["first_step"] = initial_step(func, y0, t, rtol=rtol, atol=atol, method=method, options=options)
     return options
 
 

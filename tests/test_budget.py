@@ -4,27 +4,24 @@ no more than the trajectory plus the budget; bad budgets and unknown options are
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torchdiffeq
-from helpers import ADAPTIVE, FIXED, TimeDependentField, TupleField, detached_first_step
+from helpers import ADAPTIVE, FIXED, TimeDependentField, TupleField, rel_error
 from torch import nn
 
 import symadj_plugins
 from symadj_plugins import SymplecticAdjoint
 from symadj_plugins.bench.saved import SavedTensorBytes
 from symadj_plugins.core.budget import MemoryBudget
-from symadj_plugins.torchdiffeq import odeint_adjoint, odeint_symplectic_adjoint
+from symadj_plugins.torchdiffeq import initial_step, odeint_adjoint, odeint_symplectic_adjoint
 from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 LEVELS = ["min", 0, "trajectory", "stages", 30_000, "200KiB", "max", "auto", math.inf]
 T = torch.tensor([0.0, 0.3, 0.45, 1.0], dtype=torch.float64)  # outputs between steps
-
-
-def _relative(a, b):
-    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-300)) for x, y in zip(a, b))
 
 
 def _solve_and_grad(solve, func, y0, **kwargs):
@@ -39,17 +36,16 @@ def test_every_budget_gives_the_same_gradient_and_the_hosts_forward(method):
     torch.manual_seed(0)
     func = TimeDependentField(dim=3, width=16).double()
     y0 = torch.randn(5, 3, dtype=torch.float64)
-    options = dict(step_size=0.05) if method in FIXED else dict(first_step=detached_first_step(func, y0, T,
-                                                                                                method=method))
+    options = dict(step_size=0.05) if method in FIXED else dict(first_step=initial_step(func, y0, T, method=method))
     kwargs = dict(method=method, rtol=1e-6, atol=1e-8, options=options)
     ref_out, ref_grads = _solve_and_grad(torchdiffeq.odeint, func, y0, **kwargs)
     minimal = None
     for level in LEVELS:
         out, grads = _solve_and_grad(odeint_symplectic_adjoint, func, y0, memory_budget=level, **kwargs)
         assert torch.equal(out, ref_out), level
-        assert _relative(grads, ref_grads) <= 1e-10, level
+        assert rel_error(grads, ref_grads) <= 1e-10, level
         minimal = minimal or grads
-        assert _relative(grads, minimal) <= 1e-12, level
+        assert rel_error(grads, minimal) <= 1e-12, level
 
 
 @pytest.mark.parametrize("case", ["tuple", "reversed", "perturb", "jump_t"])
@@ -75,7 +71,7 @@ def test_every_budget_gives_the_same_gradient_with_options(case):
         inputs = (*y, *func.parameters()) if case == "tuple" else (y, *func.parameters())
         grads.append(torch.autograd.grad(loss, inputs))
     for g in grads[1:]:
-        assert _relative(g, grads[0]) <= 1e-12
+        assert rel_error(g, grads[0]) <= 1e-12
 
 
 class WideField(nn.Module):
@@ -166,7 +162,7 @@ def test_a_second_backward_through_kept_graphs_replays_instead():
                                     memory_budget="max")
     first = torch.autograd.grad(out.sum(), y0, retain_graph=True)[0]
     second = torch.autograd.grad(out.sum(), y0)[0]
-    assert _relative([second], [first]) <= 1e-12
+    assert rel_error([second], [first]) <= 1e-12
 
 
 # --- how the budget is given ---------------------------------------------------------------------------
@@ -229,12 +225,41 @@ def test_bad_budgets_name_the_accepted_forms(value, error):
 def test_unknown_adjoint_options_are_refused_with_the_valid_keys():
     func = WideField(8).double()
     y0 = torch.randn(2, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"'norm'.*valid keys: 'memory_budget'"):
+    with pytest.raises(ValueError, match=r"'nrom'.*valid keys: 'memory_budget'"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error comes first, no warning about the known 'norm'
         odeint_adjoint(func, y0, torch.linspace(0, 1, 2, dtype=torch.float64), adjoint_method="symplectic",
-                       adjoint_options=dict(norm="seminorm"))
+                       adjoint_options=dict(nrom="seminorm", norm="seminorm"))
     with pytest.raises(ValueError, match=r"'budget'.*valid keys: 'memory_budget'"):
         with symadj_plugins.options(budget=5):
             pass
+
+
+def test_continuous_adjoint_options_are_ignored_with_one_warning_naming_them():
+    """torchdiffeq's own recommendation, adjoint_options=dict(norm="seminorm"), keeps working after switching to the
+    symplectic adjoint: its keys (and any other option of torchdiffeq's adjoint solve) are ignored, with one
+    warning naming them; the gradient is the one without them, and memory_budget beside them still applies."""
+    func = WideField(8).double()
+    y0 = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+
+    def grad(**kwargs):
+        out = odeint_adjoint(func, y0, t, method="dopri5", adjoint_method="symplectic", **kwargs)
+        return torch.autograd.grad(out.square().sum(), y0)[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        want = grad()
+        got = grad(adjoint_options=dict(norm="seminorm"))
+    assert [str(w.message).split(" ignored")[0] for w in caught] == ["adjoint_options 'norm'"]
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert torch.equal(got, want)
+    with pytest.warns(UserWarning, match=r"^adjoint_options 'first_step', 'norm', 'step_size' ignored") as caught:
+        got = grad(adjoint_options=dict(step_size=0.1, norm="seminorm", first_step=1e-3, memory_budget="min"))
+    assert len(caught) == 1 and torch.equal(got, grad(adjoint_options=dict(memory_budget="min")))
+    with pytest.warns(UserWarning, match="'norm'"):
+        seen = _budget_seen(solve=odeint_adjoint, adjoint_method="symplectic",
+                            adjoint_options=dict(memory_budget="max", norm="seminorm"))
+    assert seen == MemoryBudget(math.inf)
 
 
 def test_conflicting_arguments_are_refused():
@@ -278,9 +303,9 @@ def test_every_budget_gives_the_same_gradient_with_torchdyn(registered, solver, 
     base_out, base = results["min"]
     for level in ["stages", "100KiB", "max"]:
         assert torch.equal(results[level][0], base_out), level
-        assert _relative(results[level][1], base) <= 1e-12, level
+        assert rel_error(results[level][1], base) <= 1e-12, level
     if solver in ("euler", "midpoint", "rk4") and not integral:  # autograd differentiates nothing else there
-        assert _relative(base, results[None][1]) <= 1e-10
+        assert rel_error(base, results[None][1]) <= 1e-10
 
 
 def test_torchdyn_held_bytes_stay_within_the_trajectory_plus_the_budget(registered):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch_symplectic_adjoint as tsa
 import torchdiffeq
+from helpers import rel_error
 from torch_symplectic_adjoint import _methods
 
 from symadj_plugins import torchdiffeq as adapter
@@ -159,10 +160,6 @@ def _grads(fn, func, y0, t, **kwargs):
     return y, torch.autograd.grad(loss, inputs)
 
 
-def _rel_error(grads, reference):
-    return max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference))
-
-
 @pytest.mark.parametrize("method", tsa.METHODS)
 def test_exact_gradients_equal_backprop_for_every_method(method):
     """odeint_symplectic_adjoint and odeint_checkpoint: backprop through the same steps (float64, 1e-10);
@@ -175,7 +172,7 @@ def test_exact_gradients_equal_backprop_for_every_method(method):
     for fn in (tsa.odeint_symplectic_adjoint, tsa.odeint_checkpoint, tsa.odeint_onecheckpoint):
         y, g = _grads(fn, func, y0, t, **kwargs)
         assert torch.equal(y, y_ref), fn.__name__
-        assert _rel_error(g, g_ref) < 1e-10, (fn.__name__, _rel_error(g, g_ref))
+        assert rel_error(g, g_ref) < 1e-10, (fn.__name__, rel_error(g, g_ref))
 
 
 @pytest.mark.parametrize("method", ["dopri5", "fehlberg2", "rk4"])
@@ -200,7 +197,7 @@ def test_exact_gradients_with_tuple_state_and_reversed_time(method):
     _, g_ref = _grads(tsa.odeint, func, y0, t, **kwargs)
     for fn in (tsa.odeint_symplectic_adjoint, tsa.odeint_checkpoint):
         _, g = _grads(fn, func, y0, t, **kwargs)
-        assert _rel_error(g, g_ref) < 1e-10, (fn.__name__, _rel_error(g, g_ref))
+        assert rel_error(g, g_ref) < 1e-10, (fn.__name__, rel_error(g, g_ref))
 
 
 def test_float32_gradients():
@@ -210,7 +207,7 @@ def test_float32_gradients():
     _, g_ref = _grads(tsa.odeint, func, y0, t, method="dopri5", rtol=1e-5, atol=1e-6, options={"first_step": 0.1})
     for fn in (tsa.odeint_symplectic_adjoint, tsa.odeint_checkpoint):
         _, g = _grads(fn, func, y0, t, method="dopri5", rtol=1e-5, atol=1e-6, options={"first_step": 0.1})
-        assert _rel_error(g, g_ref) < 1e-4
+        assert rel_error(g, g_ref) < 1e-4
 
 
 def test_odeint_adjoint_is_the_continuous_adjoint():
@@ -219,7 +216,7 @@ def test_odeint_adjoint_is_the_continuous_adjoint():
     t = torch.linspace(0, 1, 3, dtype=F64)
     _, g_ref = _grads(tsa.odeint, func, y0, t, method="rk38")
     _, g = _grads(tsa.odeint_adjoint, func, y0, t, method="rk38")
-    assert 1e-12 < _rel_error(g, g_ref) < 1e-1  # approximate: a second solve, backwards
+    assert 1e-12 < rel_error(g, g_ref) < 1e-1  # approximate: a second solve, backwards
     with pytest.raises(ValueError, match="classical Runge-Kutta.*rk38"):
         tsa.odeint_adjoint(func, y0, t, method="rk4")
     with pytest.raises(ValueError, match="adjoint_method='rk4'"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import rel_error
 
 from symadj_plugins.core import ButcherTableau, HostSolver, StageCall, Trajectory, odeint_symplectic
 from symadj_plugins.core.replay import AutocastState, RandomnessWatch, ReplayCheck, RngState, hooks_suspended
@@ -312,16 +313,12 @@ def _gradients(tableau: ButcherTableau, steps_per_interval: int, symplectic: boo
     return solution.detach(), torch.autograd.grad(loss, [y0, *params])
 
 
-def _relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    return max(float((g - w).norm() / w.norm()) for g, w in zip(got, want, strict=True))
-
-
 @pytest.mark.parametrize("tableau", [EULER, RK4_38, MIDPOINT, DOPRI5, DEAD_LAST], ids=lambda tb: tb.name)
 def test_toy_host_gradient_equals_backprop_through_the_same_steps(tableau):
     solution, grads = _gradients(tableau, steps_per_interval=3, symplectic=True)
     ref_solution, ref_grads = _gradients(tableau, steps_per_interval=3, symplectic=False)
     assert torch.equal(solution, ref_solution)  # the same forward arithmetic
-    assert _relative_error(grads, ref_grads) <= 1e-12
+    assert rel_error(grads, ref_grads) <= 1e-12
 
 
 def test_a_host_whose_steps_are_not_its_tableau_is_caught_by_the_replay_check():

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import rel_error
 from torch import nn
 
 import symadj_plugins
@@ -242,10 +243,6 @@ def single_process_grads(name: str, xs: list[torch.Tensor]) -> list[torch.Tensor
     return grads_of(model)
 
 
-def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return max(((g - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True))
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_ddp_gradient_equals_one_process_on_the_whole_batch(name, ddp_results):
     want = single_process_grads(name, batches()[:1])
@@ -253,7 +250,7 @@ def test_ddp_gradient_equals_one_process_on_the_whole_batch(name, ddp_results):
     for rank, results in enumerate(ddp_results):
         got = results[name]["single"]
         assert got[0].dtype == torch.float64
-        error = relative_error(got, want)
+        error = rel_error(got, want)
         assert error <= TOLERANCE, f"rank {rank}: relative error {error:.2e}"
 
 
@@ -261,7 +258,7 @@ def test_ddp_gradient_equals_one_process_on_the_whole_batch(name, ddp_results):
 def test_ddp_no_sync_accumulation_equals_one_process_on_the_whole_batches(name, ddp_results):
     want = single_process_grads(name, batches()[1:])
     for rank, results in enumerate(ddp_results):
-        error = relative_error(results[name]["accumulated"], want)
+        error = rel_error(results[name]["accumulated"], want)
         assert error <= TOLERANCE, f"rank {rank}: relative error {error:.2e}"
 
 
@@ -271,7 +268,7 @@ def test_adaptive_halves_take_other_steps_than_the_whole_batch(registered_for_mo
     name = "torchdiffeq-odeint_adjoint-registered-ODEBlock-dopri5"
     whole = build(name)
     loss_of(whole(batches()[0])).backward()
-    assert relative_error(grads_of(whole), single_process_grads(name, batches()[:1])) > 1e2 * TOLERANCE
+    assert rel_error(grads_of(whole), single_process_grads(name, batches()[:1])) > 1e2 * TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,7 +344,7 @@ def test_lightning_ddp_strategy_gradient_equals_one_process_on_the_whole_batch(t
     for rank in range(WORLD_SIZE):
         result = torch.load(tmp_path / f"lightning-rank{rank}.pt")
         seen.append(result["inputs"])
-        error = relative_error(result["grads"], want)
+        error = rel_error(result["grads"], want)
         assert error <= TOLERANCE, f"rank {rank}: relative error {error:.2e}"
     # The ranks really did split the batch between them.
     assert torch.equal(torch.cat(seen).sort(dim=0).values, batches()[0].sort(dim=0).values)

@@ -178,9 +178,15 @@ def test_adapter_level_register_is_symadj_plugins_register():
 
 
 def test_changed_torchdiffeq_internals_fail_registration_naming_the_version(monkeypatch):
+    from symadj_plugins.torchdiffeq import _internals
+
     monkeypatch.delattr(RKAdaptiveStepsizeODESolver, "_interp_fit")
-    with pytest.raises(RuntimeError, match=r"written against torchdiffeq .* installed torchdiffeq \d+\.\d+\.\d+ "
-                                           r"does not match .*RKAdaptiveStepsizeODESolver\._interp_fit is missing"):
-        symadj_plugins.register()
+    _internals._check_result.cache_clear()  # checked once per process: forget the result for the installed one
+    try:
+        with pytest.raises(RuntimeError, match=r"written against torchdiffeq .* installed torchdiffeq \d+\.\d+\.\d+ "
+                                               r"does not match .*RKAdaptiveStepsizeODESolver\._interp_fit is missing"):
+            symadj_plugins.register()
+    finally:
+        _internals._check_result.cache_clear()
     assert not symadj_plugins.is_registered("torchdiffeq")
     assert torchdiffeq.odeint_adjoint is ORIGINAL

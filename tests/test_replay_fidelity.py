@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torchdiffeq
+from helpers import rel_error
 from torch import nn
 
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
@@ -27,10 +28,6 @@ ADAPTIVE = dict(method="dopri5", rtol=1e-6, atol=1e-8, options=dict(first_step=0
 
 
 pytestmark = pytest.mark.usefixtures("registered")
-
-
-def _relative_error(a, b):
-    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-300)) for x, y in zip(a, b))
 
 
 class NoisyField(nn.Module):
@@ -70,7 +67,7 @@ def test_random_numbers_drawn_by_the_field_are_replayed_torchdiffeq(config):
         field, y0, lambda f, y: odeint_symplectic_adjoint(f, y, T, **config),
         lambda f, y: torchdiffeq.odeint(f, y, T, **config))
     assert torch.equal(out, ref_out)
-    assert _relative_error(grads, ref_grads) < 1e-10
+    assert rel_error(grads, ref_grads) < 1e-10
     assert torch.equal(after, ref_after)  # the replay put the generator back
 
 
@@ -87,7 +84,7 @@ def test_random_numbers_drawn_by_the_field_are_replayed_torchdyn():
     (out, grads, after), (ref_out, ref_grads, ref_after) = _solve_both(
         field, y0, solve("symplectic_adjoint"), solve("autograd"))
     assert torch.equal(out, ref_out)
-    assert _relative_error(grads, ref_grads) < 1e-10
+    assert rel_error(grads, ref_grads) < 1e-10
     assert torch.equal(after, ref_after)
 
 
@@ -137,11 +134,11 @@ def test_autocast_state_of_the_forward_pass_is_re_entered(cache_enabled):
             out = solve(field, y, T.float(), **FIXED_GRID)
         grads[name] = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))  # outside autocast, as usual
     # Replayed in float32 instead, the end states differ (the replay check raises) and the gradients by 3e-3.
-    assert _relative_error(grads["ours"][:1], grads["backprop"][:1]) < 1e-6
+    assert rel_error(grads["ours"][:1], grads["backprop"][:1]) < 1e-6
     # With autocast's weight cache, backprop casts each weight to bf16 once and sums the gradients of all the stages
     # that used it in bf16 before casting back; the replay casts per stage and sums in float32. Without the cache both
     # sum in float32.
-    assert _relative_error(grads["ours"][1:], grads["backprop"][1:]) < (3e-2 if cache_enabled else 1e-6)
+    assert rel_error(grads["ours"][1:], grads["backprop"][1:]) < (3e-2 if cache_enabled else 1e-6)
 
 
 class HookCounter:
@@ -190,7 +187,7 @@ def test_parameter_hooks_fire_once_on_the_total_gradient(adapter):
     ours, ours_calls = _hooked_gradients(solve_ours, field, y0)
     ref, ref_calls = _hooked_gradients(solve_backprop, field, y0)
     assert ours_calls == [1] * len(ref) and ref_calls == [1] * len(ref)
-    assert _relative_error(ours, ref) < 1e-10
+    assert rel_error(ours, ref) < 1e-10
 
 
 class BatchNormField(nn.Module):
@@ -220,7 +217,7 @@ def test_batchnorm_running_statistics_end_as_backprop_leaves_them(config):
         assert torch.equal(states["ours"][bn + key], states["backprop"][bn + key])
     # The first Linear's bias has a zero gradient (BatchNorm removes the mean): both are rounding noise there.
     without_bias = [0, 1, *range(3, len(grads["ours"]))]
-    assert _relative_error(*([g[i] for i in without_bias] for g in (grads["ours"], grads["backprop"]))) < 1e-10
+    assert rel_error(*([g[i] for i in without_bias] for g in (grads["ours"], grads["backprop"]))) < 1e-10
     assert float(grads["ours"][2].abs().max()) < 1e-12 * float(grads["backprop"][1].abs().max())
 
 
@@ -240,14 +237,14 @@ def test_spectral_norm_in_training_mode_is_refused(parametrization):
             torch.autograd.grad(out.sum(), y0)
     else:
         ref = torchdiffeq.odeint(lambda t, y: reference(y), y0, T, **FIXED_GRID)
-        assert _relative_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
+        assert rel_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
     # A module field: its buffers are watched, and the power iteration's updates are refused in the forward pass.
     with pytest.raises(ValueError, match="changes its own function on every call.*eval mode"):
         odeint_symplectic_adjoint(_ModuleField(net), y0, T, **FIXED_GRID)
     net.eval()  # fixed weights: exact
     out = odeint_symplectic_adjoint(_ModuleField(net), y0, T, **FIXED_GRID)
     ref = torchdiffeq.odeint(_ModuleField(net), y0, T, **FIXED_GRID)
-    assert _relative_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
+    assert rel_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
 
 
 class _ModuleField(nn.Module):
@@ -284,7 +281,7 @@ def test_a_buffer_that_does_not_change_the_function_is_fine_and_ends_as_backprop
         grads[name] = torch.autograd.grad(out.sum(), (y, *field.parameters()))
         evals[name] = float(field.num_evals)
     assert evals["ours"] == evals["backprop"] == 4 * 8
-    assert _relative_error(grads["ours"], grads["backprop"]) < 1e-10
+    assert rel_error(grads["ours"], grads["backprop"]) < 1e-10
 
 
 class ScaledField(MLPField):
@@ -345,7 +342,7 @@ def test_writing_into_the_solution_before_backward_works_as_with_backprop(adapte
         out[0] = 0.0
         out[-1] *= 2.0
         grads[name] = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
-    assert _relative_error(grads["ours"], grads["backprop"]) < 1e-10
+    assert rel_error(grads["ours"], grads["backprop"]) < 1e-10
 
 
 def test_torch_func_transforms_and_forward_mode_get_a_clear_error():

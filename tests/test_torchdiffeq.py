@@ -18,7 +18,7 @@ from helpers import (
     rel_error,
 )
 
-from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint, supported_methods
+from symadj_plugins.torchdiffeq import initial_step, odeint_symplectic_adjoint, supported_methods
 from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -315,3 +315,66 @@ def test_complex_state_gradient_equals_backprop_through_same_steps(method, optio
     assert out.dtype == torch.complex128
     got = flat_grads(out.abs().pow(2).sum(), [y0, func.w])
     assert rel_error(got, want) < 1e-10
+
+
+def _first_step_taken(func, y0, t, **kwargs) -> float:
+    """The first step ``torchdiffeq.odeint`` takes, seen through its ``callback_step`` hook."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.func = func
+
+        def forward(self, t_, y_):
+            return self.func(t_, y_)
+
+        def callback_step(self, t0, y_, dt):
+            seen.append(float(dt))
+
+    with torch.no_grad():
+        torchdiffeq.odeint(Probe(), y0, t, **kwargs)
+    return seen[0]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_initial_step_is_the_first_step_torchdiffeq_takes(method, reverse):
+    torch.manual_seed(0)
+    func = TimeDependentField().double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1.0, 0.2] if reverse else [0.2, 1.0], dtype=torch.float64)
+    kwargs = dict(method=method, rtol=1e-5, atol=1e-6)
+    step = initial_step(func, y0, t, **kwargs)
+    assert isinstance(step, float) and step == _first_step_taken(func, y0, t, **kwargs)
+    # tuple states and a norm option go through torchdiffeq's own input normalisation
+    state = (torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64))
+    options = dict(norm=lambda y: torch.stack([x.abs().max() for x in y]).max())  # a tuple norm
+    field = TupleField().double()
+    assert initial_step(field, state, t, options=options, **kwargs) == \
+        _first_step_taken(field, state, t, options=options, **kwargs)
+    assert initial_step(func, y0, t, options=dict(first_step=0.125), **kwargs) == 0.125
+
+
+def test_initial_step_makes_backprop_the_exact_reference():
+    """Without it backprop also differentiates the initial step choice; with it, the gradients agree to rounding."""
+    torch.manual_seed(1)
+    func = TimeDependentField().double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 2.0, 3, dtype=torch.float64)
+    kwargs = dict(method="dopri5", rtol=1e-6, atol=1e-8)
+    params = [y0, *func.parameters()]
+
+    def grads(solve, options=None):
+        return torch.autograd.grad(loss_of(solve(func, y0, t, options=options, **kwargs)), params)
+
+    fixed = dict(first_step=initial_step(func, y0, t, **kwargs))
+    assert rel_error(grads(odeint_symplectic_adjoint, fixed), grads(torchdiffeq.odeint, fixed)) < 1e-10
+    assert rel_error(grads(odeint_symplectic_adjoint), grads(torchdiffeq.odeint)) > 1e-8  # the trap itself
+
+
+def test_initial_step_refuses_methods_without_one():
+    func = TimeDependentField().double()
+    y0 = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"adaptive Runge-Kutta method.*method='rk4'.*step_size"):
+        initial_step(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4")

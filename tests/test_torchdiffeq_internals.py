@@ -25,6 +25,41 @@ from symadj_plugins.torchdiffeq import _internals, dense_output, fixed_grid, rec
 from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
 
 
+def test_the_check_of_torchdiffeqs_private_names_finds_them_all():
+    """One list of every private name the adapter uses (the five the old check missed included), and the check
+    of the installed torchdiffeq finds nothing missing."""
+    listed = {f"{where}.{name}" for where, _, names in _internals.private_names() for name in names}
+    for name in ("RKAdaptiveStepsizeODESolver.integrate_until_event", "FixedGridODESolver.integrate_until_event",
+                 "_RungeKuttaState (solver.rk_state).interp_coeff", "_PerturbFunc.base_func",
+                 "a fixed-grid solver.perturb", "a fixed-grid solver.interp",
+                 "torchdiffeq._impl.misc._select_initial_step"):
+        assert name in listed
+    assert _internals._check_torchdiffeq() == []
+
+
+def test_a_missing_private_name_is_named_at_the_first_use_and_checked_once(monkeypatch):
+    func = torch.nn.Linear(2, 2).double()
+    y0, t = torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    monkeypatch.delattr(FixedGridODESolver, "integrate_until_event")
+    _internals._check_result.cache_clear()
+    try:
+        assert _internals._check_torchdiffeq() == ["FixedGridODESolver.integrate_until_event is missing"]
+        # the first use raises, naming the installed torchdiffeq and the missing name (no register() involved)
+        with pytest.raises(RuntimeError, match=r"torchdiffeq 0\.2.*FixedGridODESolver.integrate_until_event"):
+            adapter.odeint_symplectic_adjoint(lambda t, y: func(y), y0, t, adjoint_params=())
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="integrate_until_event"):  # the result is kept: checked once
+            adapter.odeint_symplectic_adjoint(lambda t, y: func(y), y0, t, adjoint_params=())
+    finally:
+        _internals._check_result.cache_clear()
+    calls = []
+    monkeypatch.setattr(_internals, "_check_torchdiffeq", lambda: calls.append(1) or [])
+    for _ in range(3):
+        adapter.odeint_symplectic_adjoint(lambda t, y: func(y), y0, t, adjoint_params=())
+    assert calls == [1]
+    _internals._check_result.cache_clear()
+
+
 def test_private_names_exist():
     for name in ("_check_inputs", "_flat_to_shape", "Perturb", "_PerturbFunc"):
         assert hasattr(misc, name), f"torchdiffeq._impl.misc.{name} is gone"

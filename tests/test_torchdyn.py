@@ -15,7 +15,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import DenseOutputProbe
+from helpers import DenseOutputProbe, rel_error
 from torch import nn
 from torchdyn.core import MultipleShootingLayer, NeuralODE, ODEProblem
 from torchdyn.core import problems as torchdyn_problems
@@ -35,7 +35,6 @@ ADAPTIVE = {"dopri5", "tsit5"}
 DTYPES = [torch.float32, torch.float64]
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 SOLVER_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # atol = rtol of adaptive solvers
-
 
 
 pytestmark = pytest.mark.usefixtures("registered", "torchdyn_warnings_ignored")
@@ -63,10 +62,6 @@ def loss_of(sol: torch.Tensor) -> torch.Tensor:
     """Weights every output time differently, so each output's cotangent differs."""
     weights = torch.arange(1, sol.shape[0] + 1, dtype=sol.dtype)
     return (sol.pow(2).sum(dim=tuple(range(1, sol.ndim))) * weights).sum() + sol.sin().sum()
-
-
-def relative_error(got, want) -> float:
-    return max(((g - w).norm() / (w.norm() if w.norm() > 0 else 1.0)).item() for g, w in zip(got, want))
 
 
 def grads(loss, inputs):
@@ -151,7 +146,7 @@ def test_gradient_equals_backprop_through_the_same_steps(solver, case, dtype, mo
     autograd_with_constant_steps(monkeypatch)
     _, sol_ref = solve("autograd", field, x, solver=solver, **inputs)
     reference = grads(loss_of(sol_ref), wrt)
-    assert_exact(relative_error(ours, reference), dtype, solver)
+    assert_exact(rel_error(ours, reference), dtype, solver)
 
 
 def test_a_step_with_several_outputs_makes_one_vjp_and_equals_backprop(monkeypatch):
@@ -177,7 +172,7 @@ def test_fixed_step_gradient_equals_torchdyn_autograd_itself(solver):
     wrt = [x, *field.parameters()]
     ours = grads(loss_of(solve("symplectic_adjoint", field, x, t_span, solver=solver)[1]), wrt)
     theirs = grads(loss_of(solve("autograd", field, x, t_span, solver=solver)[1]), wrt)
-    assert relative_error(ours, theirs) <= 1e-12
+    assert rel_error(ours, theirs) <= 1e-12
 
 
 def test_float32_times_with_float64_state(monkeypatch):
@@ -192,7 +187,7 @@ def test_float32_times_with_float64_state(monkeypatch):
             autograd_with_constant_steps(patch)
             t_ref, sol_ref = solve("autograd", field, x, t_span, solver=solver, interpolator="4th")
         assert torch.equal(sol, sol_ref) and torch.equal(t_ours, t_ref)
-        assert_exact(relative_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64, solver)
+        assert_exact(rel_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64, solver)
 
 
 def test_rk4_stages_are_replayed_where_torchdyns_step_evaluates_them():
@@ -253,7 +248,7 @@ def test_optimizable_params_of_a_parameterless_vector_field():
         _, sol = problem_.odeint(x, t_span)
         results.append(grads(loss_of(sol), [x, k]))
     assert results[0][1].abs() > 0
-    assert relative_error(*results) <= 1e-12
+    assert rel_error(*results) <= 1e-12
 
 
 def test_second_order_system_through_defunc():
@@ -274,7 +269,7 @@ def test_second_order_system_through_defunc():
     for sensitivity in ["symplectic_adjoint", "autograd"]:
         _, sol = NeuralODE(acc, order=2, solver="rk4", sensitivity=sensitivity)(x, t_span)
         results.append(grads(loss_of(sol), [x, *acc.parameters()]))
-    assert relative_error(*results) <= 1e-12
+    assert rel_error(*results) <= 1e-12
 
 
 class IntegralLoss(nn.Module):
@@ -305,7 +300,7 @@ def test_integral_loss_gradient_equals_autograd_on_the_augmented_state(solver, r
     _, sol_aug = NeuralODE(field, sensitivity="autograd", solver=solver, integral_loss=cost)(augmented, t_span)
     assert torch.equal(sol, sol_aug[..., 1:])
     reference = grads(sol_aug[..., 1:].pow(2).sum() + sol_aug[-1, :, 0].sum(), wrt)
-    assert relative_error(ours, reference) <= 1e-12
+    assert rel_error(ours, reference) <= 1e-12
     assert ours[-1].abs().sum() > 0
 
 
@@ -335,7 +330,7 @@ def test_integral_loss_with_an_adaptive_solver():
         k1, z, _, _ = model.solver.step(augmented_field, z, step.t, step.dt, k1=k1)
     assert torch.allclose(z[:, 1:], sol[-1], rtol=1e-13, atol=1e-13)
     reference = grads(z[:, 1:].pow(2).sum() + z[:, 0].sum(), wrt)
-    assert_exact(relative_error(ours, reference), torch.float64, "dopri5")
+    assert_exact(rel_error(ours, reference), torch.float64, "dopri5")
 
 
 def test_no_grad_gives_torchdyns_solution():
@@ -424,9 +419,8 @@ def test_register_hooks_the_dispatch_only_and_unregister_restores_it():
     symadj_plugins.unregister()
     originals = {cls: cls.__dict__["_autograd_func"]
                  for cls in (torchdyn_problems.ODEProblem, torchdyn_problems.MultipleShootingProblem)}
-    # torchdyn alone returns None for a sensitivity it does not know; imported, symadj_plugins says what is missing.
-    with pytest.raises(RuntimeError, match=r"not registered with torchdyn: call symadj_plugins\.register\(\)"):
-        _forward(NeuralODE(Field(), sensitivity="symplectic_adjoint", solver="rk4"))
+    # unregister() also removed the guard of `import symadj_plugins` (test_import_and_unregister_leave_torchdyn...)
+    assert all(f.__module__ == "torchdyn.core.problems" and not hasattr(f, "__wrapped__") for f in originals.values())
 
     symadj_plugins.register()
     symadj_plugins.register()  # idempotent
@@ -576,3 +570,51 @@ print("SOLVED:", x.grad is not None)
     assert "ERROR: sensitivity='symplectic_adjoint' is provided by symadj-plugins" in done.stdout
     assert "call symadj_plugins.register()" in done.stdout
     assert "SOLVED: True" in done.stdout
+
+
+@pytest.mark.parametrize("torchdyn_first", [True, False], ids=["torchdyn_imported_first", "symadj_imported_first"])
+def test_import_and_unregister_leave_torchdyn_as_it_was(torchdyn_first):
+    """`import symadj_plugins` guards torchdyn's dispatch (documented; nothing else), and unregister() puts back the
+    very objects torchdyn held before that import, and sys.meta_path as it was."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+meta_path = list(sys.meta_path)
+if {torchdyn_first}:
+    import torchdyn.core.problems as problems
+    before = [c.__dict__["_autograd_func"] for c in (problems.ODEProblem, problems.MultipleShootingProblem)]
+import symadj_plugins
+import torchdyn.core.problems as problems
+classes = (problems.ODEProblem, problems.MultipleShootingProblem)
+if not {torchdyn_first}:
+    before = [c.__dict__["_autograd_func"].__wrapped__ for c in classes]  # torchdyn's own, under the guard
+assert all(c.__dict__["_autograd_func"] is not f for c, f in zip(classes, before))  # the guard
+symadj_plugins.register()
+symadj_plugins.unregister()
+assert all(c.__dict__["_autograd_func"] is f for c, f in zip(classes, before)), "not restored"
+assert all(f.__qualname__.endswith("._autograd_func") and f.__module__ == problems.__name__ for f in before)
+assert len(sys.meta_path) == len(meta_path) and all(a is b for a, b in zip(sys.meta_path, meta_path)), "meta_path"
+print("OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
+@pytest.mark.parametrize("solver", ["rk4", "dopri5"])
+def test_the_torchdyn_host_solves_the_state_and_times_it_is_given(solver, reverse):
+    """``_TorchdynHost.solve(y0, t)`` solves ``y0`` over ``t`` (core coordinates), not what ``__init__`` saw."""
+    from symadj_plugins.torchdyn.host import _TorchdynHost
+
+    field, x = problem(torch.float64)
+    t_span = torch.linspace(0, 1, 4, dtype=torch.float64)
+    t_span = t_span.flip(0) if reverse else t_span
+    model = NeuralODE(field, sensitivity="symplectic_adjoint", solver=solver)
+    host = _TorchdynHost(model, x.detach(), t_span, (), {}, None, MemoryBudget.parse("min"))
+    other = 2.0 * x.detach() + 1.0
+    with torch.no_grad():
+        got, _ = host.solve(other, host.t_core[:2].clone())  # a different state, and only the first interval
+        _, want = NeuralODE(field, sensitivity="autograd", solver=solver)(other, t_span[:2])
+    assert torch.equal(got, want)

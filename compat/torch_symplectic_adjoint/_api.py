@@ -21,7 +21,6 @@ step sizes held constant (up to rounding), like the original's; ``odeint_onechec
 from __future__ import annotations
 
 import torch
-import torchdiffeq
 
 from symadj_plugins import torchdiffeq as _adapter
 from symadj_plugins.core import Trajectory, odeint_symplectic
@@ -156,11 +155,7 @@ class _PerStepCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, host, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
-        solution, trajectory = host.solve(y0, t)
-        if len(t) > 1 and trajectory.num_steps == 0:
-            raise RuntimeError(f"torchdiffeq {torchdiffeq.__version__} did not report its steps (its callback_step / "
-                               "callback_accept_step hooks arrived in torchdiffeq 0.2.4); odeint_checkpoint needs "
-                               "torchdiffeq>=0.2.4.")
+        solution, trajectory = host.solve(y0, t)  # raises if torchdiffeq reported no steps (before 0.2.4)
         tensors, meta = trajectory.pack()
         ctx.host, ctx.meta, ctx.num_params = host, meta, len(params)
         ctx.save_for_backward(t, *params, *tensors)

@@ -10,8 +10,8 @@ torchdiffeq
     removed (a comment above the statement records them): the symplectic adjoint solves no second ODE.
     ``odeint_adjoint`` used as a value (assigned, returned, passed as an argument) becomes
     ``functools.partial(odeint_adjoint, adjoint_method="symplectic")``, which takes the same arguments;
-    ``functools.partial(odeint_adjoint, ...)`` gets the keyword itself. Passed as ``odeint_interface`` to
-    ``torchdiffeq.odeint_event`` it stays (events need the continuous adjoint) and is reported.
+    ``functools.partial(odeint_adjoint, ...)`` gets the keyword itself; passed as ``odeint_interface`` to
+    ``torchdiffeq.odeint_event`` it is wrapped the same way (the symplectic adjoint supports ``event_fn``).
 torchdyn
     ``NeuralODE(..., sensitivity="adjoint" | "interpolated_adjoint")`` (and ``ODEProblem``) get
     ``sensitivity="symplectic_adjoint"``; ``solver_adjoint``, ``atol_adjoint``, ``rtol_adjoint`` and ``seminorm``
@@ -24,12 +24,14 @@ torch_symplectic_adjoint (the paper's package)
     that symadj-plugins installs. ``odeint_adjoint``, ``odeint_checkpoint`` and ``odeint_onecheckpoint`` have no
     symadj-plugins counterpart and stay there too.
 
-Jupyter notebooks (``.ipynb``) are migrated too: their code cells together, cells with IPython magics or shell
-lines skipped and reported, outputs and metadata kept. A method ``callback_*_adjoint`` defined in a file is
+Jupyter notebooks (``.ipynb``) are migrated too: their code cells together, IPython magics and shell lines kept
+as they are (one that mentions an adjoint is reported), outputs and metadata kept; a cell that does not parse
+(``%%bash``) is skipped and reported. A method ``callback_*_adjoint`` defined in a file is
 reported: torchdiffeq calls it only during the continuous adjoint's backward solve.
 
 Conservative by design: only names that resolve (through imports and aliases, scope by scope) to those functions
-are touched; anything it cannot follow is left alone and reported. Without ``--write`` it prints a unified diff
+are touched; anything it cannot follow is left alone and reported (a call through a name whose import it cannot
+see, with ``sensitivity="adjoint"`` or named ``odeint_adjoint``, too). Without ``--write`` it prints a unified diff
 and changes nothing. A file that cannot be parsed is reported and left untouched, and a file is written only
 whole (a temporary file renamed over it), never partially. Exit status: 0 when every file was processed and
 every continuous adjoint switched; 1 when a file could not be processed (unparsable, unreadable, missing) or a
@@ -37,8 +39,9 @@ place was left on a continuous adjoint (each reported as ``not migrated`` with i
 when libcst is not installed.
 
 Layout: :mod:`.planner` decides every change on the original tree (:mod:`.plans` holds the per-library rules),
-:mod:`.applier` makes them, :mod:`.source` ties the two for one source text, :mod:`.files` and
-:mod:`.notebook` read and write files, :mod:`.cli` is the command line.
+:mod:`.applier` makes them, :mod:`.source` ties the two for one source text, :mod:`.files` (``.py`` files and
+directories) and :mod:`.notebook` migrate files, sharing :mod:`.result` (the outcome, reading and writing),
+:mod:`.cli` is the command line. Imports run one way: cli → files → notebook → source → planner → plans.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ __all__ = ["migrate_source", "migrate_file", "migrate_notebook", "main", "Result
 
 # Imported on first use, so that without libcst ``python -m symadj_plugins.migrate`` can still say what is missing.
 _LAZY = {"migrate_source": "source", "migrate_file": "files", "migrate_notebook": "notebook", "main": "cli",
-         "Result": "files", "Note": "notes", "_Applier": "applier", "_Planner": "planner"}
+         "Result": "result", "Note": "notes", "_Applier": "applier", "_Planner": "planner"}
 
 INSTALL_HINT = ("pip install 'symadj-plugins[migrate]' (from a checkout: pip install -e '.[migrate]'), "
                 "or pip install libcst")

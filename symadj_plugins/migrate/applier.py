@@ -6,7 +6,7 @@ import libcst as cst
 
 from . import _cst as c
 from ._names import SYMADJ_TD, TAG, TSA, TSA_MOVES
-from .planner import Plan
+from .plans import Plan
 
 
 class _Applier(cst.CSTTransformer):

@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .files import Result, migrate_file, source_files
+from .files import migrate_file, source_files
+from .result import Result
 
 
 def _parser() -> argparse.ArgumentParser:

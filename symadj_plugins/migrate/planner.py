@@ -7,7 +7,7 @@ decides per name how they switch (see there), because a later use may show that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import libcst as cst
 from libcst.metadata import (
@@ -22,6 +22,7 @@ from libcst.metadata import (
 from . import _cst as c
 from ._names import (
     ADJOINT_ONLY_TD,
+    ADJOINT_SENSITIVITIES,
     CALLBACKS_ADJOINT,
     FUNCTOOLS_PARTIAL,
     STILL_CONTINUOUS,
@@ -34,12 +35,12 @@ from ._names import (
     TSA_STAYS,
 )
 from .notes import Note
-from .plans import CallPlan, plan_adjoint_kwargs, plan_torchdyn, plan_tsa, wrapped_value
+from .plans import Plan, plan_adjoint_kwargs, plan_torchdyn, plan_tsa, wrapped_value
 
 # Where odeint_adjoint used as a value can be replaced by a functools.partial that behaves the same when called.
 _WRAP = "wrap"
 _PARTIAL = "partial"   # the first argument of functools.partial(...): add the keyword to that call instead
-_EVENT = "event"       # odeint_interface= of torchdiffeq.odeint_event: needs event_fn, which we do not support
+_EVENT = "event"       # odeint_interface= of torchdiffeq.odeint_event: wrapped too (event_fn is supported)
 
 
 @dataclass
@@ -63,22 +64,6 @@ class _Use:
     line: int
     call: cst.Call | None = None    # a call through the name, or
     value: _Value | None = None     # a use as a value
-
-
-@dataclass
-class Plan:
-    """Everything the applier needs: per-node rewrites and module-level facts."""
-
-    calls: dict[cst.Call, CallPlan] = field(default_factory=dict)
-    values: dict[cst.CSTNode, str] = field(default_factory=dict)  # expression -> replacement source
-    value_comments: dict[cst.CSTNode, str] = field(default_factory=dict)
-    bad_tsa_bindings: set[str] = field(default_factory=set)  # from-imported tsa names kept on the shim
-    tsa_bound_calls: dict[cst.Call, str] = field(default_factory=dict)  # call through a from-import -> name
-    needed_imports: set[str] = field(default_factory=set)   # modules to import (`import X`)
-    present_imports: set[str] = field(default_factory=set)  # `import X` (unaliased) already there
-    td_binding_mode: dict[str, str] = field(default_factory=dict)  # "switch" | "alias" | "keep"
-    torchdyn_rewrites: bool = False  # some sensitivity becomes "symplectic_adjoint": register() is needed
-    calls_register: bool = False     # the module already calls symadj_plugins.register()
 
 
 class _Planner(cst.CSTVisitor):
@@ -184,11 +169,13 @@ class _Planner(cst.CSTVisitor):
             return
         value = self._value(node)
         self._plan_value(value, f"{SYMADJ_TD}.odeint_adjoint")
-        if value.context in (_WRAP, _PARTIAL):
+        if value.context in (_WRAP, _PARTIAL, _EVENT):
             self.plan.needed_imports.add(SYMADJ_TD)
 
     def _check_migrated_value(self, node: cst.CSTNode) -> None:
-        """symadj's odeint_adjoint where a run before could not switch it: still reported (so a rerun is not 0)."""
+        """symadj's odeint_adjoint where a run before could not switch it: still reported (so a rerun is not 0),
+        or, passed as ``odeint_interface`` (left by an older codemod, when events needed the continuous adjoint),
+        wrapped now."""
         value = self._value(node)
         if value.context in (_EVENT, None):
             self._plan_value(value, self.code(node))
@@ -231,7 +218,7 @@ class _Planner(cst.CSTVisitor):
     def _plan_value(self, value: _Value, function: str) -> None:
         """Plans the rewrite of one value use of odeint_adjoint, ``function`` being its new spelling."""
         code = self.code(value.node)
-        if value.context == _WRAP:
+        if value.context in (_WRAP, _EVENT):
             self.plan.values[value.node] = wrapped_value(function)
             self.plan.value_comments[value.node] = f'`{code}` wrapped: calls select adjoint_method="symplectic".'
             self.plan.needed_imports.add("functools")
@@ -239,10 +226,6 @@ class _Planner(cst.CSTVisitor):
             if function != code:
                 self.plan.values[value.node] = function
             self.plan.calls[value.partial] = plan_adjoint_kwargs(self, value.partial, value.partial_line)
-        elif value.context == _EVENT:
-            self.note(value.line, f"`{code}` passed as odeint_interface (torchdiffeq.odeint_event): the symplectic "
-                                  "adjoint does not support event_fn; it stays on torchdiffeq's continuous adjoint",
-                      unmigrated=True)
         else:
             around = self.code(value.around).strip().splitlines()[0]
             where = "" if value.around is value.node else f"`{around}`: "
@@ -271,6 +254,25 @@ class _Planner(cst.CSTVisitor):
                 return
         if any(c.is_torchdyn_class(name) for name in names) or self._torchdyn_star_call(node):
             plan_torchdyn(self, node, self.line_of(node))
+        elif not names:
+            self._unresolved_call(node)
+
+    def _unresolved_call(self, node: cst.Call) -> None:
+        """A call through a name bound nowhere the codemod can see (``from x import *``, an import in a notebook
+        cell that does not parse) that looks like a continuous adjoint: reported, never left silently."""
+        callee = node.func.attr.value if isinstance(node.func, cst.Attribute) else getattr(node.func, "value", None)
+        sensitivity = c.kwarg(node, "sensitivity")
+        method = c.kwarg(node, "adjoint_method")
+        name = self.code(node.func)
+        where = f"the codemod cannot see where `{name}` is imported from (in a notebook: a cell that does not parse?)"
+        if sensitivity is not None and c.string_value(sensitivity.value) in ADJOINT_SENSITIVITIES:
+            self.note(self.line_of(node), f'`{name}(..., sensitivity="{c.string_value(sensitivity.value)}")`: '
+                                          f'{where}; if it is torchdyn\'s, use sensitivity="symplectic_adjoint" '
+                                          "after symadj_plugins.register()", unmigrated=True)
+        elif callee == "odeint_adjoint" and (method is None or not c.is_string(method.value, "symplectic")):
+            self.note(self.line_of(node), f"`{name}(...)`: {where}; if it is torchdiffeq's, use "
+                                          'symadj_plugins.torchdiffeq.odeint_adjoint with adjoint_method="symplectic"',
+                      unmigrated=True)
 
     def _visit_odeint_adjoint_call(self, node: cst.Call, ambiguous: bool) -> None:
         line = self.line_of(node)

@@ -1,9 +1,13 @@
-"""How one call (or value) is rewritten: the per-library rules, as functions of the planner's view of a node."""
+"""How one call (or value) is rewritten: the per-library rules, as functions of the planner's view of a node.
+
+The rules see the planner only through :class:`PlannerView` (what they read and record), so this module does not
+import :mod:`.planner`; the planner imports the rules.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import libcst as cst
 
@@ -19,16 +23,44 @@ from ._names import (
     WHY_NO_ADJOINT_ARGS,
 )
 
-if TYPE_CHECKING:
-    from .planner import _Planner
-
 
 @dataclass
 class CallPlan:
+    """How one call is rewritten."""
+
     new_func: str | None = None          # dotted name replacing the callee (attribute-style calls)
     set_kwargs: dict[str, str] = field(default_factory=dict)  # keyword -> new value (source), added if missing
     drop: tuple[str, ...] = ()            # keywords to remove
     comment: list[str] = field(default_factory=list)  # why, put above the statement
+
+
+@dataclass
+class Plan:
+    """Everything the applier needs: per-node rewrites and module-level facts."""
+
+    calls: dict[cst.Call, CallPlan] = field(default_factory=dict)
+    values: dict[cst.CSTNode, str] = field(default_factory=dict)  # expression -> replacement source
+    value_comments: dict[cst.CSTNode, str] = field(default_factory=dict)
+    bad_tsa_bindings: set[str] = field(default_factory=set)  # from-imported tsa names kept on the shim
+    tsa_bound_calls: dict[cst.Call, str] = field(default_factory=dict)  # call through a from-import -> name
+    needed_imports: set[str] = field(default_factory=set)   # modules to import (`import X`)
+    present_imports: set[str] = field(default_factory=set)  # `import X` (unaliased) already there
+    td_binding_mode: dict[str, str] = field(default_factory=dict)  # "switch" | "alias" | "keep"
+    torchdyn_rewrites: bool = False  # some sensitivity becomes "symplectic_adjoint": register() is needed
+    calls_register: bool = False     # the module already calls symadj_plugins.register()
+
+
+class PlannerView(Protocol):
+    """What the rules use of :class:`~.planner._Planner`."""
+
+    plan: Plan
+    tsa_planned: list[tuple[cst.Call, int]]  # torch_symplectic_adjoint calls that may move
+
+    def line_of(self, node: cst.CSTNode) -> int: ...
+
+    def code(self, node: cst.CSTNode) -> str: ...
+
+    def note(self, line: int, message: str, unmigrated: bool = False, once_key: str | None = None) -> None: ...
 
 
 def wrapped_value(function: str) -> str:
@@ -40,7 +72,7 @@ def wrapped_value(function: str) -> str:
     return f'functools.partial({function}, adjoint_method="symplectic")'
 
 
-def plan_adjoint_kwargs(planner: _Planner, node: cst.Call, line: int) -> CallPlan:
+def plan_adjoint_kwargs(planner: PlannerView, node: cst.Call, line: int) -> CallPlan:
     """``adjoint_method="symplectic"`` for a call of (or ``functools.partial`` of) odeint_adjoint."""
     existing = c.kwarg(node, "adjoint_method")
     if any(arg.star == "**" for arg in node.args):
@@ -60,7 +92,7 @@ def plan_adjoint_kwargs(planner: _Planner, node: cst.Call, line: int) -> CallPla
     return plan
 
 
-def _tsa_method_problem(planner: _Planner, node: cst.Call) -> tuple[str | None, str | None]:
+def _tsa_method_problem(planner: PlannerView, node: cst.Call) -> tuple[str | None, str | None]:
     """``(problem, new_method)``: why the call cannot move to torchdiffeq, or the method name to write there."""
     if any(arg.star for arg in node.args):
         return "passes *args/**kwargs", None
@@ -77,7 +109,7 @@ def _tsa_method_problem(planner: _Planner, node: cst.Call) -> tuple[str | None, 
     return None, (new if new != literal else None)
 
 
-def plan_tsa(planner: _Planner, node: cst.Call, function: str) -> None:
+def plan_tsa(planner: PlannerView, node: cst.Call, function: str) -> None:
     """A call of torch_symplectic_adjoint's ``odeint`` or ``odeint_symplectic_adjoint``: move it if exact."""
     line = planner.line_of(node)
     problem, new_method = _tsa_method_problem(planner, node)
@@ -101,7 +133,7 @@ def plan_tsa(planner: _Planner, node: cst.Call, function: str) -> None:
     planner.plan.calls[node] = plan
 
 
-def plan_torchdyn(planner: _Planner, node: cst.Call, line: int) -> None:
+def plan_torchdyn(planner: PlannerView, node: cst.Call, line: int) -> None:
     """``NeuralODE``/``ODEProblem`` with an adjoint sensitivity: ``"symplectic_adjoint"``."""
     sensitivity = c.kwarg(node, "sensitivity")
     if sensitivity is None:

@@ -4,7 +4,9 @@ arguments (method, parameters, memory budget)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -14,12 +16,22 @@ from ..core import HostSolver, odeint_symplectic
 from ..core.budget import MemoryBudget
 from ..inputs import check_times, parameters_requiring_grad
 from ..options import SymplecticAdjoint, current_options
-from ._internals import SOLVERS, RKAdaptiveStepsizeODESolver, _check_inputs, _flat_to_shape, find_parameters
+from ._internals import (
+    SOLVERS,
+    RKAdaptiveStepsizeODESolver,
+    _check_inputs,
+    _flat_to_shape,
+    check_torchdiffeq_once,
+    continuous_adjoint_options,
+    find_parameters,
+    selected_initial_step,
+)
 from .events import _check_event_inputs, _odeint_until_event
 from .fixed_grid import _FIXED_GRID, FixedGridRule
 from .host import _TorchdiffeqHost
 
-__all__ = ["SYMPLECTIC", "odeint_adjoint", "odeint_symplectic_adjoint", "supported_methods", "torchdiffeq_host"]
+__all__ = ["SYMPLECTIC", "initial_step", "odeint_adjoint", "odeint_symplectic_adjoint", "supported_methods",
+           "torchdiffeq_host"]
 
 SYMPLECTIC = "symplectic"
 """The ``adjoint_method`` value that selects the symplectic adjoint in :func:`odeint_adjoint`."""
@@ -96,6 +108,7 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
         ``(event_t, solution)``, ``event_t`` a scalar tensor and ``solution`` of shape ``(2, *y0.shape)``
         (``y0`` and the state at ``event_t``), or a tuple of such for a tuple ``y0``.
     """
+    check_torchdiffeq_once()
     check_times(t)
     method = _check_method(method)
     params = _adjoint_params(func, adjoint_params)
@@ -105,12 +118,12 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, event_fn, t_is_reversed = _check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
-    host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, memory_budget=budget, params=params, user_func=func,
-                            event_fn=event_fn)
+    host_args = dict(func=nfunc, method=method, rtol=rtol, atol=atol, options=options, memory_budget=budget,
+                     params=params, user_func=func)
     if event_fn is None:
-        solution = odeint_symplectic(host, y0_flat, t_norm, params)
+        solution = odeint_symplectic(_TorchdiffeqHost(**host_args), y0_flat, t_norm, params)
     else:
-        event_t, solution = _odeint_until_event(host, y0_flat, t_norm, params, t_is_reversed)
+        event_t, solution = _odeint_until_event(host_args, event_fn, y0_flat, t_norm, params, t_is_reversed)
     if shapes is not None:
         solution = _flat_to_shape(solution, (len(t),), shapes)
     return solution if event_fn is None else (event_t, solution)
@@ -127,21 +140,71 @@ def odeint_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], 
     Any other ``adjoint_method`` keeps torchdiffeq's meaning (the solver of the continuous adjoint ODE) and
     the call goes to torchdiffeq unchanged. With ``"symplectic"`` the call goes to
     :func:`odeint_symplectic_adjoint`; ``adjoint_options`` then holds the symplectic adjoint's options
-    (``dict(memory_budget=...)``: the fields of :class:`symadj_plugins.SymplecticAdjoint`; any other key is a
-    ``ValueError`` naming the valid ones), and ``adjoint_rtol`` and ``adjoint_atol`` are accepted and ignored,
-    because the symplectic adjoint solves no second ODE: it replays the forward pass's own accepted steps
-    exactly, so there is no backward tolerance to choose.
+    (``dict(memory_budget=...)``: the fields of :class:`symadj_plugins.SymplecticAdjoint`). ``adjoint_rtol`` and
+    ``adjoint_atol`` are accepted and ignored, and so are the ``adjoint_options`` keys of torchdiffeq's continuous
+    adjoint (``norm``, ``step_size``, ``first_step``, ...: any option of torchdiffeq's solvers), with one
+    ``UserWarning`` naming those keys, because the symplectic adjoint solves no second ODE: it replays the forward
+    pass's own accepted steps exactly, so there is no backward tolerance, norm or step to choose. So
+    torchdiffeq's recommended ``adjoint_options=dict(norm="seminorm")`` keeps working. Any other key is a
+    ``ValueError`` naming the valid ones.
     """
     if method == SYMPLECTIC:
         raise ValueError(_SYMPLECTIC_IS_NOT_A_METHOD)
     if adjoint_method == SYMPLECTIC:
-        adjoint = SymplecticAdjoint.from_options(adjoint_options)
+        ours, ignored = _split_adjoint_options(adjoint_options)
+        adjoint = SymplecticAdjoint.from_options(ours)  # unknown keys: a ValueError before any warning
+        if ignored:
+            warnings.warn(f"adjoint_options {', '.join(map(repr, ignored))} ignored: they configure torchdiffeq's "
+                          f"continuous adjoint (its backward ODE solve), and adjoint_method={SYMPLECTIC!r} solves no "
+                          "backward ODE (it replays the forward pass's accepted steps exactly)", UserWarning,
+                          stacklevel=2)
         return odeint_symplectic_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                          event_fn=event_fn, adjoint_params=adjoint_params, adjoint=adjoint)
     return _original_odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                                     event_fn=event_fn, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
                                     adjoint_method=adjoint_method, adjoint_options=adjoint_options,
                                     adjoint_params=adjoint_params)
+
+
+def _split_adjoint_options(adjoint_options: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """``(the rest, the keys only torchdiffeq's continuous adjoint uses)`` of ``adjoint_options``."""
+    given = dict(adjoint_options or {})
+    ours = {field.name for field in dataclasses.fields(SymplecticAdjoint)}
+    ignored = sorted(key for key in given if key in continuous_adjoint_options() and key not in ours)
+    return {key: value for key, value in given.items() if key not in ignored}, ignored
+
+
+def initial_step(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *,
+                 method: str | None = None, rtol: float | torch.Tensor = 1e-7, atol: float | torch.Tensor = 1e-9,
+                 options: dict | None = None) -> float:
+    """The first step ``torchdiffeq.odeint(func, y0, t, method=..., rtol=..., atol=..., options=...)`` would take
+    with an adaptive method, as a constant: pass it as ``options=dict(first_step=...)`` to both backprop
+    (``torchdiffeq.odeint``) and the symplectic adjoint to compare their gradients exactly.
+
+    Why: backprop through ``torchdiffeq.odeint`` also differentiates torchdiffeq's choice of the initial step
+    (``_select_initial_step`` depends on ``y0`` and ``f``), while every adjoint method, this one included, holds
+    step sizes constant; with ``first_step`` fixed both take the same steps and agree to rounding.
+
+    Computed by torchdiffeq's own ``_select_initial_step`` on its normalised inputs (tuple states, decreasing
+    times), under ``no_grad``: one evaluation of ``func`` at ``t[0]`` and one a small step later. Arguments as in
+    ``torchdiffeq.odeint`` (same defaults); a ``first_step`` already in ``options`` is returned as it is.
+
+    Returns:
+        The step size, a Python float (exact: torchdiffeq's time dtype is float64 unless ``options`` sets it).
+    Raises:
+        ValueError: for a fixed-grid method (its steps are ``step_size`` or the grid of ``t``, no first step).
+    """
+    check_torchdiffeq_once()
+    method = "dopri5" if method is None else method
+    solver = SOLVERS.get(method)
+    if not (isinstance(solver, type) and issubclass(solver, RKAdaptiveStepsizeODESolver)):
+        adaptive = [name for name, cls in SOLVERS.items()
+                    if isinstance(cls, type) and issubclass(cls, RKAdaptiveStepsizeODESolver)]
+        raise ValueError(f"initial_step needs an adaptive Runge-Kutta method ({', '.join(adaptive)}), got "
+                         f"method={method!r}: other methods choose no first step (fixed grids step by step_size or "
+                         "the times t).")
+    with torch.no_grad():
+        return float(selected_initial_step(func, y0, t, rtol, atol, method, options))
 
 
 def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Tensor, atol: float | torch.Tensor,
@@ -159,7 +222,9 @@ def torchdiffeq_host(func: Callable, method: str | type, rtol: float | torch.Ten
     Besides the ``HostSolver`` methods, the host's ``func``, ``adaptive``, ``tableau`` and, after ``solve``,
     ``solver`` (torchdiffeq's solver object that took the steps) are part of this contract.
     """
-    return _TorchdiffeqHost(func, method, rtol, atol, options, store_stages=store_stages, rule=rule)
+    check_torchdiffeq_once()
+    return _TorchdiffeqHost(func, method, rtol, atol, options, memory_budget=_memory_budget(None, None, store_stages),
+                            rule=rule)
 
 
 def _check_method(method: str | None) -> str:

@@ -1,24 +1,23 @@
 """Event mode (``event_fn``): the solve runs until ``event_fn(t, y)`` changes sign, as in torchdiffeq. Here are
-its input checks, the recording of fixed-grid steps (``integrate_until_event`` calls no callback), and the
-gradient of the event state w.r.t. ``t[0]`` through the last step's dense output."""
+its input checks, its host (:class:`_TorchdiffeqEventHost`, a :class:`~.host._TorchdiffeqHost` that only this module
+knows), the recording of fixed-grid steps (``integrate_until_event`` calls no callback), and the gradient of the
+event state w.r.t. ``t[0]`` through the last step's dense output."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..core import odeint_symplectic
+from ..core import Trajectory, odeint_symplectic
 from ._internals import SOLVERS, RKAdaptiveStepsizeODESolver, _interp_evaluate
+from .host import _TorchdiffeqHost
 from .recording import _TorchdiffeqStepRecorder
 
-if TYPE_CHECKING:
-    from .host import _TorchdiffeqHost
-
-__all__ = ["_EventStateTimeShift", "_check_event_inputs", "_event_rate", "_odeint_until_event",
-           "_record_fixed_grid_event_steps", "_time_derivative"]
+__all__ = ["_EventStateTimeShift", "_TorchdiffeqEventHost", "_check_event_inputs", "_event_rate",
+           "_odeint_until_event", "_record_fixed_grid_event_steps", "_time_derivative"]
 
 
 def _check_event_inputs(event_fn: Any, t: torch.Tensor, method: str, options: dict | None) -> None:
@@ -111,15 +110,75 @@ def _event_rate(func: Callable, solver: Any, adaptive: bool, event_t: torch.Tens
     return _time_derivative(interp, event_t)
 
 
-def _odeint_until_event(host: _TorchdiffeqHost, y0: torch.Tensor, t: torch.Tensor,
+class _TorchdiffeqEventHost(_TorchdiffeqHost):
+    """One torchdiffeq solve until ``event_fn`` changes sign (``integrate_until_event``), as the core's
+    ``HostSolver``: the one output after ``y0`` is the last step's dense output at ``event_t``."""
+
+    def __init__(self, *args: Any, event_fn: Callable, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.event_fn = event_fn  # torchdiffeq's normalised event_fn
+        self.event_t: torch.Tensor | None = None  # set by solve (normalised time)
+        # A zero scalar whose gradient is ∂L/∂t_0 of the discrete solution: passed to the core as a parameter and
+        # added to every time at which the backward pass evaluates f or dense output, so the core's parameter VJPs
+        # sum κᵀ ∂f/∂t over all stages (every stage time is t_0 + constants). Set by _odeint_until_event.
+        self.time_shift: torch.Tensor | None = None
+        # With time_shift: d/dt of the forward's dense output at event_t (coefficients held fixed), see solve.
+        self.event_rate: torch.Tensor | None = None
+        self._fixed_event_end: list = []  # see _record_fixed_grid_event_steps
+
+    def _integrate(self, solver: Any, recorder: _TorchdiffeqStepRecorder, t: torch.Tensor) -> torch.Tensor:
+        if not self.adaptive:
+            self._fixed_event_end = _record_fixed_grid_event_steps(solver, recorder)
+        event_t, solution = solver.integrate_until_event(t[0], self.event_fn)
+        self.event_t = event_t.detach()
+        self.num_steps = len(recorder.t0)
+        return solution
+
+    def _last_step_end(self, solver: Any, solution: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.time_shift is not None and self.num_steps:  # before the solver's state of the last step goes
+            self.event_rate = _event_rate(self.func, solver, self.adaptive, self.event_t, self._fixed_event_end)
+        if not self._fixed_event_end:
+            return super()._last_step_end(solver, solution, t)
+        end, self._fixed_event_end = self._fixed_event_end, []
+        del solver._step_func  # drop the recording wrapper (an instance attribute)
+        return end[1], end[3]  # the end of the step with the event
+
+    def _outputs_in_step(self, t1: torch.Tensor, t: torch.Tensor, time_dtype: torch.dtype) -> dict[int, list[int]]:
+        # The state at the event: dense output inside the last step, at the constant time event_t (found under
+        # no_grad). No step at all when event_fn(t0, y0) == 0; _odeint_until_event handles that.
+        return {self.num_steps - 1: [1]} if self.num_steps else {}
+
+    def _shifted(self, t: torch.Tensor) -> torch.Tensor:
+        # t + 0 is t bit for bit: the shift only carries the derivative w.r.t. t_0.
+        return t if self.time_shift is None else t + self.time_shift.to(t.dtype)
+
+    def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
+        if self.time_shift is None:
+            return super().vector_field(t, y, kwargs)
+        # The time shift carries ∂L/∂t_0 through torchdiffeq's own perturbation.
+        return self.func(self._shifted(t), y, **dict(kwargs))
+
+    def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
+                     k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
+        # The only output after y0, at event_t: a constant, as in torchdiffeq's find_event. Unshifted step ends:
+        # the event state's dependence on t_0 through them is event_rate.
+        return super().dense_output(trajectory, n, y0, y1, k, self.event_t.reshape(1))
+
+    def _fixed_step_size(self, dt: torch.Tensor):
+        return self.solver.step_size  # integrate_until_event steps by the step size as given
+
+
+def _odeint_until_event(host_args: dict[str, Any], event_fn: Callable, y0: torch.Tensor, t: torch.Tensor,
                         params: Sequence[torch.Tensor], t_is_reversed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The event branch of :func:`~symadj_plugins.torchdiffeq.odeint_symplectic_adjoint`, in torchdiffeq's
-    normalised coordinates (flat ``y0``, increasing ``t`` of 2 times). Returns ``(event_t, solution)``: a scalar
-    in the caller's time direction, and ``(2, *y0.shape)`` (``y0``, the state at ``event_t``)."""
+    normalised coordinates (flat ``y0``, increasing ``t`` of 2 times, ``event_fn`` normalised); ``host_args``: the
+    keyword arguments of :class:`~.host._TorchdiffeqHost`. Returns ``(event_t, solution)``: a scalar in the caller's
+    time direction, and ``(2, *y0.shape)`` (``y0``, the state at ``event_t``)."""
+    host = _TorchdiffeqEventHost(**host_args, event_fn=event_fn)
     t_core = t
     if t.requires_grad and torch.is_grad_enabled():
         # ∂L/∂t_0 of the discrete solution (what backprop through the same steps gives, and what
-        # odeint_event's rerouting of the event time needs): see _TorchdiffeqHost.time_shift.
+        # odeint_event's rerouting of the event time needs): see _TorchdiffeqEventHost.time_shift.
         host.time_shift = t[0] - t[0].detach()
         # The forward pass's graphs of f do not see the shift: those steps replay instead.
         host.memory_budget = host.memory_budget.without_graphs()

@@ -1,6 +1,7 @@
 """``_TorchdiffeqHost``: one torchdiffeq solve as the core's ``HostSolver``. The forward pass runs torchdiffeq's own
 solver with the step recorder as its ``func``, then turns what was recorded into the core's ``Trajectory``; the
-backward pass tells the core where and how torchdiffeq evaluated each stage and how it interpolates."""
+backward pass tells the core where and how torchdiffeq evaluated each stage and how it interpolates. Event mode
+is a subclass that only :mod:`.events` knows (``_TorchdiffeqEventHost``); the methods it overrides say so."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from ._internals import (
     perturbed_time,
 )
 from .dense_output import cubic_hermite_interp, interp_evaluate, linear_interp
-from .events import _event_rate, _record_fixed_grid_event_steps
 from .fixed_grid import _FIXED_GRID, FixedGridRule, fixed_grid_perturb_flags, fixed_grid_stage_times
 from .recording import (
     _START_CARRIED,
@@ -46,27 +46,16 @@ _FIRST_STAGE_PERTURB = {_START_INITIAL: Perturb.NONE, _START_FSAL: Perturb.PREV,
 class _TorchdiffeqHost(HostSolver):
     """One torchdiffeq solve, as the core's :class:`~symadj_plugins.core.adjoint.HostSolver`."""
 
-    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict, store_stages: bool = False,
+    def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict,
                  memory_budget: MemoryBudget | None = None, params: Sequence[torch.Tensor] = (),
-                 rule: FixedGridRule | None = None, user_func: Callable | None = None,
-                 event_fn: Callable | None = None):
+                 rule: FixedGridRule | None = None, user_func: Callable | None = None):
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self._perturb_base = perturb_base(func)  # what _PerturbFunc calls (the replay calls it directly)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards
-        # What the forward pass keeps for the backward pass (core.budget); store_stages is the older switch.
-        self.memory_budget = memory_budget or MemoryBudget.parse("stages" if store_stages else "trajectory")
+        # What the forward pass keeps for the backward pass (core.budget).
+        self.memory_budget = memory_budget or MemoryBudget.parse("trajectory")
         self.params = tuple(params)  # differentiated: alive anyway, so not counted as graph bytes
-        # Event mode (torchdiffeq's normalised event_fn): solve until it changes sign; `solve` sets
-        # `event_t` (normalised time) and `num_steps`.
-        self.event_fn = event_fn
-        self.event_t: torch.Tensor | None = None
-        self.num_steps = 0
-        # A zero scalar whose gradient is ∂L/∂t_0 of the discrete solution (event mode): passed to the core
-        # as a parameter and added to every time at which the backward pass evaluates f or dense output, so
-        # the core's parameter VJPs sum κᵀ ∂f/∂t over all stages (every stage time is t_0 + constants).
-        self.time_shift: torch.Tensor | None = None
-        # With time_shift: d/dt of the forward's dense output at event_t (coefficients held fixed), see solve.
-        self.event_rate: torch.Tensor | None = None
+        self.num_steps = 0  # set by solve
         self._set_solver_class(method, rule)
         self.rtol, self.atol, self.options = rtol, atol, options
         self.solver: Any = None
@@ -97,10 +86,8 @@ class _TorchdiffeqHost(HostSolver):
         recorder = _TorchdiffeqStepRecorder(self.func, self.adaptive, carried_last_stage, keeper)
         solver = self.solver_cls(func=recorder, y0=y0, rtol=self.rtol, atol=self.atol, **self.options)
         recorder.solver = solver
-        solution, fixed_event_end = self._integrate(solver, recorder, t)
-        if self.time_shift is not None and self.num_steps:
-            self.event_rate = _event_rate(self.func, solver, self.adaptive, self.event_t, fixed_event_end)
-        final_t1, final_y = self._end_of_solve(solver, solution, t, fixed_event_end)
+        solution = self._integrate(solver, recorder, t)
+        final_t1, final_y = self._end_of_solve(solver, solution, t)
 
         time_dtype = recorder.t0[0].dtype if recorder.t0 else t.dtype
         t0, t1, dt = self._step_times(recorder, final_t1, time_dtype, y0.device)
@@ -116,43 +103,36 @@ class _TorchdiffeqHost(HostSolver):
                                 stage_graphs=stage_graphs, stage_rng=stage_rng, snapshots=snapshots)
         return solution, trajectory
 
-    def _integrate(self, solver: Any, recorder: _TorchdiffeqStepRecorder, t: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """torchdiffeq's own solve, recorded. Returns its solution and, for a fixed-grid event solve, the last step's
-        ``[t0, t1, y0, y1, f0]`` (see :func:`~.events._record_fixed_grid_event_steps`), else ``[]``. Sets
-        ``num_steps`` and, in event mode, ``event_t``."""
-        fixed_event_end: list = []
-        if self.event_fn is None:
-            solution = solver.integrate(t)
-        else:
-            if not self.adaptive:
-                fixed_event_end = _record_fixed_grid_event_steps(solver, recorder)
-            event_t, solution = solver.integrate_until_event(t[0], self.event_fn)
-            self.event_t = event_t.detach()
-        if len(t) > 1 and not recorder.t0 and self.event_fn is None:
+    def _integrate(self, solver: Any, recorder: _TorchdiffeqStepRecorder, t: torch.Tensor) -> torch.Tensor:
+        """torchdiffeq's own solve, recorded (the event host overrides it). Returns its solution; sets
+        ``num_steps``."""
+        solution = solver.integrate(t)
+        if len(t) > 1 and not recorder.t0:
             raise RuntimeError(f"torchdiffeq {torchdiffeq.__version__} did not report its steps through "
                                "func.callback_step / callback_accept_step (added in torchdiffeq 0.2.4); "
                                "symadj-plugins needs torchdiffeq>=0.2.4")
         self.num_steps = len(recorder.t0)
-        return solution, fixed_event_end
+        return solution
 
-    def _end_of_solve(self, solver: Any, solution: torch.Tensor, t: torch.Tensor,
-                      fixed_event_end: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _end_of_solve(self, solver: Any, solution: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t, y)`` at the end of the last accepted step. Keeps ``solver`` as ``self.solver`` (its tableau copy,
         interpolation methods) but drops what it holds of this solve: the trajectory is then the only owner of the
         states, so autograd frees them after backward."""
+        final_t1, final_y = self._last_step_end(solver, solution, t)
         if self.adaptive:
-            final_t1, final_y = solver.rk_state.t1, solver.rk_state.y1
             solver.rk_state = None  # drop the solver's own copies of the last step
-        elif fixed_event_end:
-            final_t1, final_y = fixed_event_end[1], fixed_event_end[3]  # the end of the step with the event
-            del solver._step_func  # drop the recording wrapper (an instance attribute)
-        else:
-            # torchdiffeq's grid ends exactly at t[-1]. A copy, not a view of the solution: the caller may write
-            # into the solution before backward(), as with backprop.
-            final_t1, final_y = t[-1], solution[-1].clone()
         solver.func = self.func  # not the recorder, whose lists hold the states
         self.solver = solver
         return final_t1, final_y
+
+    def _last_step_end(self, solver: Any, solution: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, y)`` at the end of the last accepted step, read before ``_end_of_solve`` drops the solver's state
+        (the event host overrides it)."""
+        if self.adaptive:
+            return solver.rk_state.t1, solver.rk_state.y1
+        # torchdiffeq's grid ends exactly at t[-1]. A copy, not a view of the solution: the caller may write into
+        # the solution before backward(), as with backprop.
+        return t[-1], solution[-1].clone()
 
     @staticmethod
     def _step_times(recorder: _TorchdiffeqStepRecorder, final_t1: torch.Tensor, time_dtype: torch.dtype,
@@ -167,14 +147,8 @@ class _TorchdiffeqHost(HostSolver):
         return t0, t1, dt
 
     def _outputs_in_step(self, t1: torch.Tensor, t: torch.Tensor, time_dtype: torch.dtype) -> dict[int, list[int]]:
-        """Which outputs (indices into ``t``, or the event state ``1``) each accepted step produces."""
+        """Which outputs (indices into ``t``) each accepted step produces (the event host overrides it)."""
         outputs_in_step: dict[int, list[int]] = {}
-        if self.event_fn is not None:
-            # The state at the event: dense output inside the last step, at the constant time event_t
-            # (found under no_grad). No step at all when event_fn(t0, y0) == 0; the caller handles that.
-            if self.num_steps:
-                outputs_in_step[self.num_steps - 1] = [1]
-            return outputs_in_step
         # Output k >= 1 is produced in the first accepted step that ends at or after t[k] (both the
         # adaptive `while next_t > t1` loop and the fixed-grid `while t1 >= t[j]` loop do this).
         step_of_output = torch.searchsorted(t1.cpu(), t[1:].detach().cpu().to(time_dtype), side="left").tolist()
@@ -236,9 +210,7 @@ class _TorchdiffeqHost(HostSolver):
 
         t0, t1, dt, y0 = trajectory.t0[n], trajectory.t1[n], trajectory.dt[n], restart.state
         if not self.adaptive:
-            # integrate_until_event steps by the step size as given (a Python float), integrate by grid differences.
-            step = self.solver.step_size if self.event_fn is not None else dt
-            dy, _ = self.solver._step_func(func, t0, step, t1, y0)
+            dy, _ = self.solver._step_func(func, t0, self._fixed_step_size(dt), t1, y0)
             return Restart(y0 + dy)
         f0 = restart.carried
         if f0 is None:  # evaluated at the start of the step, as the forward pass did (its time and flag)
@@ -249,23 +221,25 @@ class _TorchdiffeqHost(HostSolver):
         carries = n + 1 < trajectory.num_steps and trajectory.host_data.starts[n + 1] == _START_CARRIED
         return Restart(y1, carried=f1 if carries else None)
 
+    def _fixed_step_size(self, dt: torch.Tensor):
+        """The step size a fixed-grid step was taken with: ``integrate`` passes the grid difference (``dt``); the event
+        host overrides it (``integrate_until_event`` passes the step size as given, a Python float)."""
+        return dt
+
     def _shifted(self, t: torch.Tensor) -> torch.Tensor:
-        # t + 0 is t bit for bit: the shift only carries the derivative w.r.t. t_0.
-        return t if self.time_shift is None else t + self.time_shift.to(t.dtype)
+        """The time at which the replay evaluates ``func`` for the forward pass's time ``t`` (the event host adds its
+        time shift)."""
+        return t
 
     def vector_field(self, t: torch.Tensor, y: torch.Tensor, kwargs: tuple) -> torch.Tensor:
-        if self.time_shift is None and self._perturb_base is not None:
+        if self._perturb_base is not None:
             # What _PerturbFunc would do, without its per-call overhead (see perturb_base).
             return self._perturb_base(perturbed_time(t, y, dict(kwargs).get("perturb", Perturb.NONE)), y)
-        # Event mode: the time shift carries ∂L/∂t_0 through torchdiffeq's own perturbation.
-        return self.func(self._shifted(t), y, **dict(kwargs))
+        return self.func(t, y, **dict(kwargs))
 
     def dense_output(self, trajectory: Trajectory, n: int, y0: torch.Tensor, y1: torch.Tensor,
                      k: Sequence[torch.Tensor], t_out: torch.Tensor) -> torch.Tensor:
-        # Unshifted step ends: the event state's dependence on t_0 through them is event_rate (see solve).
         t0, t1, dt = trajectory.t0[n], trajectory.t1[n], trajectory.dt[n]
-        if self.event_fn is not None:
-            t_out = self.event_t.reshape(1)  # the only output after y0; a constant, as in torchdiffeq's find_event
         times = t_out.reshape(-1, *[1] * y0.dim())  # a column of times: the values come out stacked
         if self.adaptive:
             coeffs = self.solver._interp_fit(y0, y1, torch.stack(list(k), dim=-1), dt)  # fitted once for all times

@@ -8,8 +8,7 @@ from collections.abc import Callable
 
 import torchdiffeq
 
-from .._registry import check_internals
-from ._internals import TESTED_VERSIONS, _check_torchdiffeq, _modules
+from ._internals import _modules, check_torchdiffeq_once
 from .api import _SYMPLECTIC_IS_NOT_A_METHOD, SYMPLECTIC, odeint_adjoint
 
 __all__ = ["install"]
@@ -29,9 +28,7 @@ def install() -> list[tuple[object, str, object]]:
     are not what this adapter expects. torchdiffeq's ``SOLVERS`` is not touched: ``"symplectic"`` never appears
     among its methods.
     """
-    check_internals("torchdiffeq", TESTED_VERSIONS, _check_torchdiffeq(),
-                    "The symplectic adjoint cannot guarantee exact gradients with it; use torchdiffeq.odeint or "
-                    "odeint_adjoint without it, or a torchdiffeq version it supports.")
+    check_torchdiffeq_once()
     odeint_module, adjoint_module = _modules()
     changes = [(torchdiffeq, "odeint_adjoint", torchdiffeq.odeint_adjoint),
                (odeint_module, "_check_inputs", odeint_module._check_inputs),

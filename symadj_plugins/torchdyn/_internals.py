@@ -9,16 +9,15 @@ The other modules of the adapter reach torchdyn only through the module objects 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Any
 
 import torch
 
 from .. import _torchdyn_guard
-from .._registry import internals_error
 from ..core import ButcherTableau
 from ..core.tableaux import EULER, MIDPOINT
+from ..errors import internals_error, parameter_names
 
 try:
     from torchdyn.core import problems as _problems
@@ -92,10 +91,6 @@ def _cached_tableau(name: str, c: tuple, a_rows: tuple, b: tuple) -> ButcherTabl
 # --------------------------------------------------------------------------------------------------------
 # Checking torchdyn's internals (at register()).
 
-def _parameter_names(fn: Any) -> list[str]:
-    return list(inspect.signature(fn).parameters)
-
-
 def _check_torchdyn() -> list[str]:
     """What differs from the torchdyn this adapter was written for (empty if nothing)."""
     found: list[str] = []
@@ -104,11 +99,11 @@ def _check_torchdyn() -> list[str]:
         if cls is None or "_autograd_func" not in cls.__dict__:
             found.append(f"torchdyn.core.problems.{class_name}._autograd_func is missing")
     problem_cls = getattr(_problems, "ODEProblem", None)
-    if problem_cls is not None and _parameter_names(problem_cls.odeint) != ["self", "x", "t_span", "save_at", "args"]:
-        found.append(f"ODEProblem.odeint has parameters {_parameter_names(problem_cls.odeint)}")
+    if problem_cls is not None and parameter_names(problem_cls.odeint) != ["self", "x", "t_span", "save_at", "args"]:
+        found.append(f"ODEProblem.odeint has parameters {parameter_names(problem_cls.odeint)}")
     odeint = getattr(_problems, "odeint", None)
     if odeint is None or not {"f", "x", "t_span", "solver", "atol", "rtol", "interpolator", "save_at",
-                              "args"} <= set(_parameter_names(odeint)):
+                              "args"} <= set(parameter_names(odeint)):
         found.append("torchdyn.core.problems.odeint is missing or has a different signature")
     if "4th" not in getattr(_interpolators, "INTERP_DICT", {}) or not all(
             hasattr(getattr(_interpolators, "FourthOrder", None), name) for name in ("fit", "evaluate")):

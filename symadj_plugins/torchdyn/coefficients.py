@@ -9,14 +9,18 @@ steps the coefficients are read off torchdyn's own ``step``; every other step us
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from ._internals import _internals_error
 
-if TYPE_CHECKING:
-    from .recording import _Step
+
+class _Step(Protocol):
+    """What this module reads of a recorded step (``recording._Step``; not imported: recording imports this)."""
+
+    dt: torch.Tensor
+    k1_given: bool
 
 
 def _resolution(dtype: torch.dtype) -> float:

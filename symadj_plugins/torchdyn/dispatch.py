@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .._registry import check_internals
 from ..core import odeint_symplectic
+from ..errors import check_internals
 from ..inputs import check_times, parameters_requiring_grad
 from ..options import current_options
 from ._internals import (

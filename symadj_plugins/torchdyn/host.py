@@ -27,7 +27,9 @@ class _TorchdynHost(HostSolver):
     Core coordinates: the state is ``x`` itself, or with an ``integral_loss`` the flat vector ``[x.flatten(), q]``
     whose last entry accumulates the loss. Time is torchdyn's normalised, increasing ``t_span`` (``t_core``, with
     one more slot for the final state under an adaptive solver with an integral loss); which output slots torchdyn
-    and the core return is :mod:`.outputs`' job (``self.slots``).
+    and the core return is :mod:`.outputs`' job (``self.slots``). ``x`` and ``t_span`` given to ``__init__`` fix
+    these coordinates (shape, time direction); :meth:`solve` solves the ``y0`` and ``t`` it is given, mapped back
+    to torchdyn's ``x`` and ``t_span``.
     """
 
     def __init__(self, problem: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any, args: Any,
@@ -51,7 +53,6 @@ class _TorchdynHost(HostSolver):
             t_norm = torch.cat([t_norm, t_norm[-1:]])  # one extra slot: the final state, for the accumulator
         self.t_core = t_norm
         self.module_state = _module_state(problem.vf)
-        self.x = x
         self.tableau: ButcherTableau | None = None
         self.f: Callable | None = None
         self.t_eval: torch.Tensor | None = None
@@ -60,8 +61,11 @@ class _TorchdynHost(HostSolver):
 
     # -- forward ----------------------------------------------------------------------------------------
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
-        x, self.x = self.x, None
-        recorder, solution = self._record(x)
+        # torchdyn's x and t_span from the core's coordinates (negation undoes negation exactly).
+        x = y0 if self.integral_loss is None else y0[:-1].view(self.x_shape)
+        t_span = t[:len(self.t_span)].to(self.t_span.device)
+        t_span = -t_span if self.reversed else t_span
+        recorder, solution = self._record(x, t_span)
         steps = recorder.steps
         states, carried, extra, snapshots = recorder.keeper.kept_states()
         _check_states(x, [state for state in states if state is not None])
@@ -72,7 +76,7 @@ class _TorchdynHost(HostSolver):
         t0, t1, dt = (torch.stack([times[i].reshape(()) for times in step_times]) for i in range(3))
 
         if self.adaptive:
-            points = self.t_core[1:len(self.t_span)].tolist()
+            points = t[1:len(self.t_span)].tolist()
             outputs_in_step, self.slots = _adaptive_outputs(solution, states, t1, points, self.interpolator is not None)
         else:
             outputs_in_step, self.slots = _fixed_outputs(self.t_eval, solution, steps, states)
@@ -92,15 +96,15 @@ class _TorchdynHost(HostSolver):
                                 snapshots=snapshots)
         return solution, trajectory
 
-    def _record(self, x: torch.Tensor) -> tuple[_TorchdynStepRecorder, torch.Tensor]:
-        """torchdyn's own solve from ``x``, recorded: returns the recorder and torchdyn's ``sol``; sets ``f``,
-        ``t_eval``, ``solver`` and ``tableau``."""
+    def _record(self, x: torch.Tensor, t_span: torch.Tensor) -> tuple[_TorchdynStepRecorder, torch.Tensor]:
+        """torchdyn's own solve from ``x`` over ``t_span``, recorded: returns the recorder and torchdyn's ``sol``;
+        sets ``f``, ``t_eval``, ``solver`` and ``tableau``."""
         problem = self.problem
         # An adaptive step restarts from its state and the k1 torchdyn passed it (first same as last).
         keeper = StageKeeper(self.memory_budget, x, _tableau_of(self.solver).num_stages, self.params,
                              restart_states=2 if self.adaptive else 1)
         with _TorchdynStepRecorder(self.solver, keeper, start_rng=RngState.capture(x.device)) as recorder:
-            self.t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, recorder.solver, problem.atol,
+            self.t_eval, sol = _problems.odeint(problem.vf, x, t_span, recorder.solver, problem.atol,
                                                      problem.rtol, interpolator=problem.interpolator,
                                                      save_at=self.save_at, args=self.args)
         recorder.finish()
