@@ -321,7 +321,7 @@ def test_a_field_changed_between_forward_and_backward_fails_loudly_or_gets_backp
         assert budget != "max"  # at "max" nothing is evaluated again
     else:
         assert budget not in ("min", "trajectory", "stages")  # these evaluate every stage again
-        assert _relative_error(grads, reference) < 1e-10
+        assert rel_error(grads, reference) < 1e-10
 
 
 @pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])

@@ -162,7 +162,7 @@ def test_a_step_with_several_outputs_makes_one_vjp_and_equals_backprop(monkeypat
     assert sum(times) == 40 and max(times) > 1
     autograd_with_constant_steps(monkeypatch)
     _, sol_ref = solve("autograd", field, x, t_span, solver="dopri5", interpolator="4th")
-    assert_exact(relative_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64)
+    assert_exact(rel_error(ours, grads(loss_of(sol_ref), wrt)), torch.float64)
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])
