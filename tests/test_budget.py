@@ -3,6 +3,7 @@ no more than the trajectory plus the budget; bad budgets and unknown options are
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
 
@@ -333,3 +334,85 @@ def test_torchdyn_held_bytes_stay_within_the_trajectory_plus_the_budget(register
     for extra in [10_000, 60_000, 300_000]:  # the budget counts the states too
         assert trajectory < held(trajectory + extra) <= trajectory + extra
     assert held("max") > held(300_000) > held(10_000)
+
+
+# --- kept graphs: a step keeps all its graphs or none ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [dict(first_step=0.05), dict(first_step=0.05, jump_t=torch.tensor([0.45]))],
+                         ids=["dopri5", "dopri5 with jump_t"])
+def test_max_evaluates_nothing_in_the_backward_pass_like_backprop(options):
+    # The host's initial evaluation f(t0, y0) and the one after a jump_t happen outside the steps: their graphs are
+    # built in the forward pass too, so that no stage is evaluated again (and none escapes the replay check).
+    torch.manual_seed(3)
+    func = CountingField(16).double()
+    y0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    out = odeint_symplectic_adjoint(func, y0, T, method="dopri5", options=options, memory_budget="max")
+    func.calls = 0
+    grads = torch.autograd.grad(out.pow(2).sum(), (y0, *func.parameters()))
+    assert func.calls == 0
+    y = y0.detach().clone().requires_grad_(True)
+    reference = odeint_symplectic_adjoint(func, y, T, method="dopri5", options=options, memory_budget="trajectory")
+    assert rel_error(grads, torch.autograd.grad(reference.pow(2).sum(), (y, *func.parameters()))) < 1e-12
+
+
+def test_torchdyn_max_evaluates_nothing_in_the_backward_pass(registered):
+    from torchdyn.core import NeuralODE
+
+    class Field(CountingField):
+        def forward(self, t, y, args=None):
+            return super().forward(t, y)
+
+    torch.manual_seed(4)
+    field = Field(16).double()
+    model = NeuralODE(field, solver="dopri5", sensitivity="symplectic_adjoint", return_t_eval=False)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    with symadj_plugins.options(memory_budget="max"):
+        sol = model(x, torch.linspace(0, 1, 3, dtype=torch.float64))
+    field.calls = 0
+    sol.sum().backward()
+    assert field.calls == 0
+
+
+@pytest.mark.parametrize("budget", ["max", 40_000])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_a_compiled_field_with_a_first_same_as_last_method_keeps_graphs(method, budget):
+    # The last stage's graph is the next step's first stage: differentiated once, with both cotangents (a compiled
+    # graph with donated buffers refuses a second backward through it).
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)).double()
+    compiled = torch.compile(net, backend="aot_eager")
+    y0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for name, field in (("compiled", compiled), ("plain", net)):
+        out = odeint_symplectic_adjoint(lambda t, y, field=field: field(y), y0, T, method=method,
+                                        options=dict(first_step=0.05), memory_budget=budget,
+                                        adjoint_params=tuple(net.parameters()))
+        grads[name] = torch.autograd.grad(out.pow(2).sum(), (y0, *net.parameters()))
+    assert rel_error(grads["compiled"], grads["plain"]) < 1e-10
+
+
+def test_what_max_kept_is_released_when_backward_has_used_it():
+    from symadj_plugins.bench.memory import PeakMemory, mark
+
+    torch.manual_seed(6)
+    func = WideField(64)
+    y0 = torch.randn(32, 8, requires_grad=True)
+    state = y0.numel() * y0.element_size()
+    after = {}
+    for name in ("backprop", "ours"):
+        with PeakMemory() as meter:
+            if name == "ours":
+                out = odeint_symplectic_adjoint(func, y0, T, method="rk4", options=dict(step_size=0.05),
+                                                memory_budget="max")
+            else:
+                out = torchdiffeq.odeint(func, y0, T, method="rk4", options=dict(step_size=0.05))
+            loss = out.pow(2).sum()
+            loss.backward()  # the loss and the solution stay alive, as in a training loop until the next step
+            gc.collect()
+            with mark("after backward"):
+                pass
+        after[name] = meter.report.marks["after backward"]
+        del out, loss
+    # Backprop keeps its solution and the parameters' gradients; ours keeps no stage input or graph beyond that.
+    assert after["ours"] <= after["backprop"] + 4 * state
