@@ -224,12 +224,16 @@ def held_with_events(solve, width, depth):
 
 
 def test_event_memory_is_the_trajectory_and_does_not_grow_with_the_network():
-    minimal = functools.partial(odeint_symplectic_adjoint, memory_budget="min")
+    minimal = functools.partial(odeint_symplectic_adjoint, memory_budget="trajectory")
     base, state_bytes, solution = held_with_events(minimal, width=16, depth=1)
     wider, _, _ = held_with_events(minimal, width=64, depth=1)
     deeper, _, _ = held_with_events(minimal, width=16, depth=4)
-    default, _, _ = held_with_events(odeint_symplectic_adjoint, width=64, depth=4)
-    assert default == base + 11 * 3 * state_bytes  # the default also keeps the 3 new stage inputs of each rk4 step
+    stages, _, _ = held_with_events(functools.partial(odeint_symplectic_adjoint, memory_budget="stages"), width=64,
+                                    depth=4)
+    assert stages == base + 11 * 3 * state_bytes  # "stages" also keeps the 3 new stage inputs of each rk4 step
+    below, _, _ = held_with_events(functools.partial(odeint_symplectic_adjoint, memory_budget="min"), width=64,
+                                   depth=4)
+    assert below < base  # "min": fewer states than steps, with events too
     assert base == wider == deeper
     steps = 11
     trajectory = (steps + 1) * state_bytes
