@@ -148,7 +148,9 @@ def test_quick_benchmark_runs_every_method(tmp_path):
         for key in ("peak_bytes", "fwd_s", "bwd_s", "total_s", "nfe_fwd", "grad_err"):
             assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
         assert r["grad_err"] < 0.1, (name, r["grad_err"])
-        if name != "backprop" and name != "torchdyn-autograd":
+        if name in ("backprop", "torchdyn-autograd", "ours-max"):  # "max" keeps every graph: nothing is evaluated
+            assert r["nfe_bwd"] == 0, name
+        else:
             assert r["nfe_bwd"] > 0, name
     # Exact methods reproduce backprop through the same steps (float32).
     for name in ("ours-torchdiffeq", "ours-min", "ours-max", "ckpt-step", "ckpt-stage"):

@@ -303,7 +303,7 @@ BUDGET_METHODS = [budget_method(x) for x in BUDGET_FRACTIONS]
 
 # What each problem runs unless --methods says otherwise ("sweep" cases run only the last list).
 DEFAULT_METHODS = {
-    "cnf": [m for m in METHODS if m not in BUDGET_METHODS],
+    "cnf": [m for m in METHODS if m not in (*BUDGET_METHODS, "ours-sqrt", "ours-16MiB")],  # adaptive: no 2√N
     "steps": ["backprop", "ckpt-step", "ckpt-stage", "adjoint", "torchdyn-autograd", "ours-torchdiffeq", "ours-min",
               "ours-sqrt", "ours-trajectory", "ours-torchdyn"],
     # The budget sweep, with the other methods as points on the same time-vs-memory axes (budget 0 is "min";
