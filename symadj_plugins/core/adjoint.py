@@ -121,8 +121,9 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, host: HostSolver, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
-        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules()))
-        solution, trajectory = host.solve(y0, t)
+        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules(), params))
+        with replay.buffers.watching():  # also finds the modules a field that is not a module calls
+            solution, trajectory = host.solve(y0, t)
         replay.buffers.after_forward()
         tensors, structure = trajectory.pack()
         ctx.host, ctx.structure, ctx.replay = host, structure, replay

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -215,16 +216,55 @@ def _changes_function(module: torch.nn.Module, buffer_name: str) -> bool:
 class BufferGuard:
     """Notices which module buffers the forward solve updates in place, and undoes the replay's updates.
 
-    Usage: ``guard = BufferGuard(modules)`` before the forward solve, ``guard.after_forward()`` after it (raises
-    if a module changes its own function per call), then ``with guard.restoring(): <backward sweep>``.
+    The modules are those the field is declared to be made of (``modules``) and every module it calls while the
+    forward solve runs (found by a module forward pre-hook active only in the solving thread, during
+    :meth:`watching`), so a function or lambda closing over modules is guarded like an ``nn.Module`` field. A module
+    reached for the first time has its buffers' versions noted then, before it runs.
+
+    Usage: ``guard = BufferGuard(modules, params)`` before the forward solve, ``with guard.watching(): <solve>``,
+    ``guard.after_forward()`` after it (raises if a module changes its own function per call), then
+    ``with guard.restoring(): <backward sweep>``.
+
+    Raises:
+        ValueError: (at construction, or at the module's first call in the solve) a module of the field is sharded
+            by FSDP, whose hooks swap its parameters on every call (see :func:`_check_not_sharded`).
     """
 
-    def __init__(self, modules: Iterable[torch.nn.Module]):
-        self._buffers = [(f"{type(m).__name__}.{name}", m, name, b)
-                         for m in _unique_modules(modules) for name, b in m.named_buffers(recurse=False)]
-        self._versions = [b._version for *_, b in self._buffers]
+    def __init__(self, modules: Iterable[torch.nn.Module], params: Sequence[torch.Tensor] = ()):
+        self._param_ids = {id(p) for p in params}
+        self._seen: set[int] = set()
+        self._buffers: list[tuple[str, torch.nn.Module, str, torch.Tensor]] = []
+        self._versions: list[int] = []
+        for m in _unique_modules(modules):
+            self._reach(m)
         self.updated: list[torch.Tensor] = []
         self.suspects: list[str] = []
+
+    def _reach(self, module: torch.nn.Module) -> None:
+        """Notes ``module``'s own buffers and their versions, once."""
+        if id(module) in self._seen:
+            return
+        _check_not_sharded(module, self._param_ids)
+        self._seen.add(id(module))
+        for name, b in module.named_buffers(recurse=False):
+            self._buffers.append((f"{type(module).__name__}.{name}", module, name, b))
+            self._versions.append(b._version)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Runs the forward solve, noting every module the field calls in this thread (other threads' calls are
+        theirs: a global hook sees them too)."""
+        thread = threading.get_ident()
+
+        def reached(module: torch.nn.Module, args) -> None:
+            if threading.get_ident() == thread and id(module) not in self._seen:
+                self._reach(module)
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(reached)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def after_forward(self) -> None:
         changed = [(label, m, name, b) for (label, m, name, b), v in zip(self._buffers, self._versions)
@@ -255,6 +295,58 @@ class BufferGuard:
             with torch.no_grad():
                 for b, value in zip(self.updated, saved):
                     b.copy_(value)
+
+
+_FSDP_ADVICE = (
+    "Shard a module that calls the solver in its forward and contains the vector field (the ODE block, or the whole "
+    "model), and not the vector field or its submodules: torch.distributed.fsdp.fully_shard(model) (FSDP2), or "
+    "FullyShardedDataParallel(model, use_orig_params=True) (FSDP1) without an auto_wrap_policy that wraps modules "
+    "inside the field. Or use backprop (torchdiffeq.odeint / sensitivity='autograd').")
+
+
+def _fsdp_module_types() -> tuple[type, ...]:
+    """FSDP2's ``FSDPModule`` and FSDP1's ``FullyShardedDataParallel``, those that this torch has."""
+    if not torch.distributed.is_available():
+        return ()
+    types: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        types.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule
+        types.append(FSDPModule)
+    except ImportError:  # an older torch: no FSDP2
+        pass
+    return tuple(types)
+
+
+def _check_not_sharded(module: torch.nn.Module, param_ids: set[int]) -> None:
+    """Refuses a module whose parameters FSDP swaps per call, so that the parameters the symplectic adjoint
+    differentiates (read before the solve) are not those ``f`` uses.
+
+    - FSDP around the field or a module inside it (FSDP2 ``fully_shard``, FSDP1 ``FullyShardedDataParallel``): its
+      pre-forward hook all-gathers and installs unsharded parameters on each call and its post-forward hook puts the
+      shards back; the gradient of the unsharded ones is reduce-scattered by hooks that the backward pass's replay
+      does not run. The parameters the solve received get no gradient (FSDP2: ``None`` or zero; FSDP1: zero).
+    - FSDP1 with ``use_orig_params=False`` around a module that contains the field: during the forward pass the
+      field's modules hold plain views of a flat parameter instead of their parameters, so the field has no
+      parameters to differentiate.
+    """
+    if isinstance(module, _fsdp_module_types()):
+        raise ValueError(
+            f"the vector field's module {type(module).__name__} is sharded by FSDP: FSDP swaps its parameters for "
+            "unsharded ones on every call, so the symplectic adjoint, which evaluates f again in the backward pass, "
+            f"would differentiate parameters f does not use (they would get no gradient). {_FSDP_ADVICE}")
+    for name, value in vars(module).items():
+        replaced = (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+                    and value.requires_grad and isinstance(value._base, torch.nn.Parameter)
+                    and id(value._base) not in param_ids and name not in module._parameters)
+        if replaced:
+            raise ValueError(
+                f"the vector field's module {type(module).__name__} holds {name!r} as a view of a parameter that is "
+                "not among the parameters differentiated (FullyShardedDataParallel with use_orig_params=False replaces "
+                "parameters by views of its flat parameter during the forward pass): the field's parameters would get "
+                "no gradient. Use FullyShardedDataParallel(model, use_orig_params=True), or pass the parameter in "
+                f"adjoint_params. {_FSDP_ADVICE}")
 
 
 def _unique_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
