@@ -89,6 +89,22 @@ def test_random_numbers_drawn_by_the_field_are_replayed_torchdyn():
     assert torch.equal(after, ref_after)
 
 
+def test_the_time_gradient_does_not_move_the_generator():
+    """With ``t`` requiring grad, the t-gradient formula evaluates f afresh; that must not move the user's generator
+    (backprop's backward draws nothing). torchdyn's adapter does not differentiate t_span."""
+    torch.manual_seed(0)
+    field = NoisyField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    after = {}
+    for name, solve in (("ours", odeint_symplectic_adjoint), ("backprop", torchdiffeq.odeint)):
+        torch.manual_seed(7)
+        t = T.clone().requires_grad_(True)
+        grad_t = torch.autograd.grad(solve(field, y0, t, **FIXED_GRID).pow(2).sum(), t)[0]
+        assert grad_t.abs().sum() > 0
+        after[name] = torch.rand(())
+    assert torch.equal(after["ours"], after["backprop"])
+
+
 def test_deterministic_field_keeps_no_random_state():
     field = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
     y0 = torch.randn(3, 4, dtype=torch.float64)
@@ -374,3 +390,100 @@ def test_random_numbers_first_drawn_after_the_first_step_are_refused():
     y0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="after a first step that drew none"):
         odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Random numbers and threads: torch has one generator per device for all threads. A solve must not mistake
+# another thread's draws for its field's, and fields that draw in two threads at once must each replay their own.
+
+class LoggedNoiseField(MLPField):
+    """Draws a dropout-like mask and additive noise on every call and logs them (``drawn``); with ``given`` set, it
+    uses those draws instead, in order: backprop through the forward pass's very random numbers is the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.given = None
+
+    def forward(self, t, y, args=None):
+        h = torch.tanh(self.net[0](y))
+        if self.given is None:
+            mask, noise = (torch.rand_like(h) > 0.3).to(h.dtype) / 0.7, 0.05 * torch.randn_like(y)
+            self.drawn.append((mask, noise))
+        else:
+            mask, noise = next(self.given)
+        return self.net[2](h * mask) + noise
+
+
+def _backprop_with_the_same_draws(field, y0, drawn, solve_kwargs):
+    field.given = iter(drawn)
+    try:
+        y = y0.clone().requires_grad_(True)
+        out = torchdiffeq.odeint(field, y, T, **solve_kwargs)
+        return torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+    finally:
+        field.given = None
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+def test_a_solve_is_not_disturbed_by_another_thread_drawing_random_numbers(adapter):
+    from helpers import run_in_threads
+
+    torch.manual_seed(8)
+    field = MLPField().double()
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 9, dtype=torch.float64)
+
+    def gradient():
+        y = y0.clone().requires_grad_(True)
+        if adapter == "torchdiffeq":
+            out = odeint_symplectic_adjoint(field, y, T, **FIXED_GRID)
+        else:
+            out = NeuralODE(field, solver="rk4", sensitivity="symplectic_adjoint", return_t_eval=False)(y, t_span)
+        return torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+
+    reference = gradient()
+    done, errors = [], []
+
+    def solve_many():
+        try:
+            for _ in range(30):
+                assert all(torch.equal(g, r) for g, r in zip(gradient(), reference))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.append(True)
+
+    def draw_meanwhile():
+        while not done:
+            torch.randn(16)
+
+    roles = [solve_many, draw_meanwhile]
+    run_in_threads(lambda: roles.pop()(), 2)
+    assert not errors, errors[:1]
+
+
+def test_fields_drawing_random_numbers_in_two_threads_at_once_each_replay_their_own():
+    from helpers import run_in_threads
+
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    errors, compared = [], []
+
+    def solve_many():
+        torch.manual_seed(9)  # the same parameters in both threads; the draws interleave
+        field = LoggedNoiseField().double()
+        try:
+            for _ in range(15):
+                field.drawn.clear()
+                y = y0.clone().requires_grad_(True)
+                out = odeint_symplectic_adjoint(field, y, T, **FIXED_GRID)
+                drawn = list(field.drawn)  # the forward pass's draws (the replay's are logged after them)
+                grads = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+                reference = _backprop_with_the_same_draws(field, y0, drawn, FIXED_GRID)
+                compared.append(_relative_error(grads, reference))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    run_in_threads(solve_many, 2)
+    assert not errors, errors[:1]
+    assert len(compared) == 30 and max(compared) < 1e-10

@@ -26,7 +26,7 @@ import torch
 
 from ._engine import vjp
 from .budget import KeptGraph
-from .replay import AutocastState, BufferGuard, ReplayCheck, hooks_suspended
+from .replay import AutocastState, BufferGuard, ReplayCheck, generators_kept, hooks_suspended
 from .tableau import ButcherTableau, StagePlan
 from .trajectory import StageCall, Trajectory
 
@@ -435,9 +435,10 @@ def time_gradient(host: HostSolver, t: torch.Tensor, y0: torch.Tensor, values: S
     """``∂L/∂t``: ``g_kᵀ f(t_k, y(t_k))`` for outputs ``k ≥ 1`` and ``-λ_0ᵀ f(t_0, y_0)`` for the start.
 
     The same formula as ``torchdiffeq.odeint_adjoint`` (the derivative of the exact flow; the discrete
-    solution's step sizes are not differentiated, so this is not the derivative of the discrete map).
+    solution's step sizes are not differentiated, so this is not the derivative of the discrete map). A field that
+    draws random numbers draws afresh here, and the generators are put back (backprop's backward draws nothing).
     """
-    with torch.no_grad():
+    with torch.no_grad(), generators_kept(y0.device):
         grad_t = torch.zeros_like(t)
         for k in range(1, len(t)):
             if cotangents[k] is None:  # a slot not returned: zero cotangent, zero gradient

@@ -23,6 +23,7 @@ that the replay has no side effects the forward pass did not have. This module i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AutocastState", "BufferGuard", "RandomnessWatch", "ReplayCheck", "RngState", "hooks_suspended"]
+__all__ = ["AutocastState", "BufferGuard", "RandomnessWatch", "ReplayCheck", "RngState", "generators_kept",
+           "hooks_suspended"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -44,11 +46,16 @@ class RngState:
         cpu: ``torch.get_rng_state()`` (a ``uint8`` tensor of 5056 bytes).
         cuda: ``torch.cuda.get_rng_state(device)`` for the state's CUDA device, or ``None``.
         cuda_device: that device's index, or ``None``.
+        draws: for an evaluation whose draws went through torch's random functions (:data:`RANDOM_FUNCTIONS`), per
+            such call that drew (its index among the evaluation's calls of those functions), the state it drew from.
+            Then the replay restores the state around each of those calls only, and draws by other threads between
+            them do not matter; ``()``: the whole evaluation is replayed from this state.
     """
 
     cpu: torch.Tensor
     cuda: torch.Tensor | None = None
     cuda_device: int | None = None
+    draws: tuple[tuple[int, RngState], ...] = ()
 
     @classmethod
     def capture(cls, device: torch.device) -> RngState:
@@ -70,9 +77,21 @@ class RngState:
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        """Runs the block from this state, then puts the generators back where they were."""
-        device = torch.device("cuda", self.cuda_device) if self.cuda is not None else None
-        before = RngState.capture(device) if device is not None else RngState(torch.get_rng_state())
+        """Runs the block (one replayed evaluation) with the random numbers the forward evaluation drew, then puts the
+        generators back where they were."""
+        if self.draws:
+            with _DrawSpy(self.cuda_device_or_cpu(), replay=dict(self.draws)):
+                yield
+            return
+        with _RNG_LOCK, self._restored():
+            yield
+
+    def cuda_device_or_cpu(self) -> torch.device:
+        return torch.device("cuda", self.cuda_device) if self.cuda is not None else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _restored(self) -> Iterator[None]:
+        before = RngState.capture(self.cuda_device_or_cpu())
         self._set()
         try:
             yield
@@ -85,14 +104,89 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, torch.device("cuda", self.cuda_device))
 
 
-class RandomnessWatch:
-    """Runs forward evaluations of ``f`` and tells which ones drew random numbers.
+# Held while one of this package's evaluations draws from (or replays) the generators, so that solves in other
+# threads, which take it too, do not draw in between. Re-entrant: a vector field may itself run a solve.
+_RNG_LOCK = threading.RLock()
 
-    ``call`` returns ``f``'s value and the :class:`RngState` the evaluation started from if it changed the
-    generators (``None`` otherwise: a deterministic field holds nothing). Reading the generator twice per evaluation
-    costs as much as a small network's evaluation, so once a whole step has drawn nothing (:meth:`settle`), the
-    evaluations are no longer watched one by one; :meth:`verify` then checks, after the solve, that the generators
-    have not moved since, and refuses the solve if they have (its random numbers could not be replayed).
+
+def _random_functions() -> frozenset:
+    """torch's functions and tensor methods that draw from the default generators (unless given ``generator=``)."""
+    F, T = torch.nn.functional, torch.Tensor
+    names = [
+        (torch, ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli",
+                 "normal", "poisson", "multinomial", "binomial", "dropout", "alpha_dropout", "feature_dropout",
+                 "feature_alpha_dropout", "rrelu", "rrelu_", "_standard_gamma", "_sample_dirichlet")),
+        (F, ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu",
+             "gumbel_softmax")),
+        (T, ("bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+             "log_normal_", "multinomial")),
+        (torch.nn.init, ("uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
+                         "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")),
+    ]
+    return frozenset(getattr(owner, name) for owner, group in names for name in group if hasattr(owner, name))
+
+
+RANDOM_FUNCTIONS = _random_functions()
+
+
+class _DrawSpy(torch.overrides.TorchFunctionMode):
+    """Sees, in this thread only (torch function modes are per thread), each call of a function of
+    :data:`RANDOM_FUNCTIONS` during one evaluation of ``f``.
+
+    Recording (``replay=None``): notes in ``draws`` the generator state each such call drew from. Replaying: restores
+    the recorded state around the call of the same index, and puts the generators back after it. Both hold
+    ``_RNG_LOCK`` around the call, so that another thread's evaluation does not draw in between.
+    """
+
+    def __init__(self, device: torch.device, replay: dict[int, RngState] | None = None, put_back: bool = False):
+        super().__init__()
+        self.device, self.replay, self.put_back = device, replay, put_back
+        self.draws: list[tuple[int, RngState]] = []
+        self._count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not _is_random(func) or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        if self.put_back:
+            with _RNG_LOCK, RngState.capture(self.device)._restored():
+                return func(*args, **kwargs)
+        index, self._count = self._count, self._count + 1
+        if self.replay is not None:
+            state = self.replay.get(index)
+            if state is None:  # the forward evaluation's call drew nothing
+                return func(*args, **kwargs)
+            with _RNG_LOCK, state._restored():
+                return func(*args, **kwargs)
+        with _RNG_LOCK:
+            before = RngState.capture(self.device)
+            out = func(*args, **kwargs)
+            if not before.same_as(RngState.capture(self.device)):
+                self.draws.append((index, before))
+        return out
+
+
+def _is_random(func) -> bool:
+    try:
+        return func in RANDOM_FUNCTIONS
+    except TypeError:  # not hashable: not one of them
+        return False
+
+
+class RandomnessWatch:
+    """Runs forward evaluations of ``f`` and tells which ones drew random numbers, in this thread.
+
+    ``call`` returns ``f``'s value and, if the evaluation drew random numbers, the :class:`RngState` its replay needs
+    (``None`` otherwise: a deterministic field holds nothing). torch has one generator per device for all threads, so
+    an evaluation is watched in two ways: its calls of torch's random functions are seen in this thread only
+    (:class:`_DrawSpy`), each noted with the state it drew from; and the generators are compared before and after,
+    which also catches draws by other means (a C++ extension) but cannot tell them from another thread's. Such a
+    change is counted as this evaluation's only while no other Python thread runs.
+
+    Watching costs as much as a small network's evaluation, so once a whole step has drawn nothing (:meth:`settle`),
+    the evaluations are no longer watched one by one; :meth:`verify` then checks, after the solve, that the generators
+    have not moved since, and refuses the solve if they have (again only while no other Python thread runs: a solve
+    is not refused for another thread's draws).
     """
 
     def __init__(self, device: torch.device):
@@ -103,11 +197,16 @@ class RandomnessWatch:
     def call(self, fn: Callable[..., torch.Tensor], *args, **kwargs) -> tuple[torch.Tensor, RngState | None]:
         if self._unwatched_since is not None:
             return fn(*args, **kwargs), None
+        spy = _DrawSpy(self.device)
         before = RngState.capture(self.device)
-        out = fn(*args, **kwargs)
-        if before.same_as(RngState.capture(self.device)):
+        with spy:
+            out = fn(*args, **kwargs)
+        if spy.draws:
+            self.drew = True
+            return out, dataclasses.replace(before, draws=tuple(spy.draws))
+        if before.same_as(RngState.capture(self.device)) or _other_threads_run():
             return out, None
-        self.drew = True
+        self.drew = True  # drawn by other means than torch's random functions: replayed from the state before
         return out, before
 
     def settle(self) -> None:
@@ -117,12 +216,32 @@ class RandomnessWatch:
 
     def verify(self) -> None:
         """After the solve: raises if random numbers were drawn while evaluations were not watched."""
-        if self._unwatched_since is not None and not self._unwatched_since.same_as(RngState.capture(self.device)):
+        if self._unwatched_since is not None and not self._unwatched_since.same_as(RngState.capture(self.device)) \
+                and not _other_threads_run():
             raise ValueError(
                 "random numbers were drawn during the solve after a first step that drew none (by the vector field, "
                 "or by a callback): the symplectic adjoint replays each evaluation of f with the random numbers it "
                 "drew, and could not record these. Draw them in every evaluation (as Dropout does), draw them outside "
                 "the solve, or use backprop (torchdiffeq.odeint / sensitivity='autograd').")
+
+
+@contextlib.contextmanager
+def generators_kept(device: torch.device) -> Iterator[None]:
+    """Runs the block (evaluations of ``f`` that are no replay, like the t-gradient's) without moving the generators:
+    each call of torch's random functions draws, and the generators are put back after it. Draws by other means are
+    undone at the end while no other Python thread runs (which another thread's draws would be)."""
+    whole = None if _other_threads_run() else RngState.capture(device)
+    try:
+        with _DrawSpy(device, put_back=True):
+            yield
+    finally:
+        if whole is not None:
+            whole._set()
+
+
+def _other_threads_run() -> bool:
+    """Whether another Python thread is alive (then a change of the shared generators may be its draw)."""
+    return threading.active_count() > 1
 
 
 # --------------------------------------------------------------------------------------------------------
