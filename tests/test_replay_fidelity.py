@@ -158,6 +158,24 @@ def test_autocast_state_of_the_forward_pass_is_re_entered(cache_enabled):
     assert _relative_error(grads["ours"][1:], grads["backprop"][1:]) < (3e-2 if cache_enabled else 1e-6)
 
 
+class LowPrecisionField(MLPField):
+    def forward(self, t, y, args=None):
+        return self.net(y)  # bfloat16 under autocast: not cast back to the state's dtype
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_field_returning_bfloat16_under_autocast_gets_a_clear_dtype_error(adapter, method):
+    field, y0 = LowPrecisionField(), torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(ValueError, match=r"dtype torch.bfloat16.*dtype torch.float32"):
+        if adapter == "torchdiffeq":
+            odeint_symplectic_adjoint(field, y0, T.float(), method=method, options=FIXED_GRID["options"]
+                                      if method == "rk4" else None)
+        else:
+            NeuralODE(field, solver=method, sensitivity="symplectic_adjoint")(y0, torch.linspace(0, 1, 5))
+
+
 class HookCounter:
     def __init__(self):
         self.calls = 0

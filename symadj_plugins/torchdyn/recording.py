@@ -53,6 +53,7 @@ class _TorchdynStepRecorder:
     _pending: _Step | None = None
     _real_step: Callable | None = None
     start_rng: RngState | None = None  # generators at the solve's start: where an adaptive first k1 drew
+    _checked: bool = False  # the field's first output was checked
 
     def __enter__(self) -> _TorchdynStepRecorder:
         # torchdyn's odeint writes the synchronised tableau onto the copy (sync_device_dtype): the replay reads it
@@ -86,7 +87,11 @@ class _TorchdynStepRecorder:
             if extra or kwargs:
                 raise _internals_error(f"{type(self.solver).__name__}.step called f with extra arguments")
             times.append(t_)
-            return self.keeper.evaluate(inner, t_, x_)
+            out = self.keeper.evaluate(inner, t_, x_)
+            if not self._checked:
+                _check_field_output(out, x_)
+                self._checked = True
+            return out
 
         out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
         self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1)
@@ -159,6 +164,19 @@ def _stage_times(steps: Sequence[_Step], num_stages: int,
     dtypes = [ti.dtype for ti in flat_times]
     stage_dtypes = tuple(tuple(dtypes[n * num_stages:(n + 1) * num_stages]) for n in range(len(steps)))
     return stage_times, stage_dtypes, time_shape
+
+
+def _check_field_output(out: Any, x: torch.Tensor) -> None:
+    """Raises ``TypeError``/``ValueError`` unless the field returned dx/dt shaped and typed like ``x``: torchdyn's
+    solvers would promote a lower-precision output (a field under autocast returning bfloat16) into the state, and
+    the replay of its stages could not be checked against the forward pass's."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the vector field must return a Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"the vector field returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state x has shape "
+            f"{tuple(x.shape)} and dtype {x.dtype}. sensitivity='{SENSITIVITY}' needs dx/dt with the shape and dtype "
+            "of x; under autocast, cast the field's output back (return out.to(x.dtype)).")
 
 
 def _check_states(x: torch.Tensor, states: Sequence[torch.Tensor]) -> None:
