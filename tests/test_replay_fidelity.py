@@ -485,11 +485,12 @@ def test_fields_drawing_random_numbers_in_two_threads_at_once_each_replay_their_
     from helpers import run_in_threads
 
     y0 = torch.randn(4, 4, dtype=torch.float64)
+    torch.manual_seed(9)
+    fields = [LoggedNoiseField().double() for _ in range(2)]  # made here: only the solves draw in the threads
     errors, compared = [], []
 
     def solve_many():
-        torch.manual_seed(9)  # the same parameters in both threads; the draws interleave
-        field = LoggedNoiseField().double()
+        field = fields.pop()
         try:
             for _ in range(15):
                 field.drawn.clear()
