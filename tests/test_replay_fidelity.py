@@ -278,6 +278,41 @@ def test_batchnorm_in_a_function_field_ends_as_backprop_leaves_it(config):
     assert _relative_error(*([g[i] for i in without_bias] for g in (grads["ours"], grads["backprop"]))) < 1e-10
 
 
+class CallsAnUnregisteredModule(nn.Module):
+    """A module field that calls a module it does not hold as a submodule (kept in a list): its parameters are not
+    among the field's parameters()."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.held = [net]
+
+    def forward(self, t, y, args=None):
+        return self.scale * self.held[0](y)
+
+
+# torchdiffeq needs adjoint_params for a function field: then the parameters differentiated are the caller's choice.
+@pytest.mark.parametrize(("adapter", "field_kind"), [("torchdyn", "function"), ("torchdyn", "unregistered submodule"),
+                                                     ("torchdiffeq", "unregistered submodule")])
+def test_parameters_the_field_uses_but_the_solve_did_not_find_are_refused(adapter, field_kind):
+    """Where the adapter finds the parameters itself (torchdyn; torchdiffeq without adjoint_params), a module the field
+    calls with other parameters that require grad would silently get no gradient (backprop gives it one): refused
+    when the solve starts."""
+    net = MLPField().net.double()
+    field = (lambda t, y, args=None: net(y)) if field_kind == "function" else CallsAnUnregisteredModule(net)
+    y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="whose parameters .* require grad but are not among the parameters"):
+        if adapter == "torchdyn":
+            NeuralODE(field, solver="rk4", sensitivity="symplectic_adjoint")(y0, torch.linspace(0, 1, 5).double())
+        else:
+            odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID)
+    if adapter == "torchdiffeq":  # listed by the caller: differentiated as listed, as torchdiffeq.odeint_adjoint does
+        out = odeint_symplectic_adjoint(field, y0, T, adjoint_params=tuple(net.parameters()), **FIXED_GRID)
+        ref = torchdiffeq.odeint(field, y0, T, **FIXED_GRID)
+        wrt = (y0, *net.parameters())
+        assert _relative_error(torch.autograd.grad(out.sum(), wrt), torch.autograd.grad(ref.sum(), wrt)) < 1e-10
+
+
 @pytest.mark.parametrize("field_kind", ["module", "function"])
 @pytest.mark.parametrize("parametrization", ["hook", "parametrize"])
 def test_spectral_norm_in_training_mode_is_refused(parametrization, field_kind):

@@ -41,11 +41,15 @@ class HostSolver(abc.ABC):
         checked_entries: the entries of the flattened state that are stored as the forward pass computed them,
             which the replay check compares (all by default; a host that stores a placeholder for part of the
             state, like torchdyn's integral-loss accumulator, narrows it).
+        params_inferred: whether the adapter found the parameters itself (the field module's ``parameters()``)
+            rather than the caller listing them; then a module the field calls with other parameters that require
+            grad is refused (see ``core.replay.BufferGuard``).
     """
 
     tableau: ButcherTableau
     returned_slots: Sequence[int] | None = None
     checked_entries: slice = slice(None)
+    params_inferred: bool = False
 
     @abc.abstractmethod
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
@@ -121,7 +125,7 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, host: HostSolver, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
-        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules(), params))
+        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules(), params, host.params_inferred))
         with replay.buffers.watching():  # also finds the modules a field that is not a module calls
             solution, trajectory = host.solve(y0, t)
         replay.buffers.after_forward()

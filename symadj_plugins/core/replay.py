@@ -344,13 +344,23 @@ class BufferGuard:
     ``guard.after_forward()`` after it (raises if a module changes its own function per call), then
     ``with guard.restoring(): <backward sweep>``.
 
+    Args:
+        modules: the modules the field is declared to be made of.
+        params: the parameters the solve differentiates.
+        params_inferred: whether the adapter found ``params`` itself (the field module's ``parameters()``) rather
+            than the caller listing them: then a module the field calls whose parameters require grad and are not
+            among them is refused (they would silently get no gradient, where backprop gives them one).
+
     Raises:
         ValueError: (at construction, or at the module's first call in the solve) a module of the field is sharded
-            by FSDP, whose hooks swap its parameters on every call (see :func:`_check_not_sharded`).
+            by FSDP, whose hooks swap its parameters on every call (see :func:`_check_not_sharded`); or, with
+            ``params_inferred``, it has parameters the solve does not differentiate.
     """
 
-    def __init__(self, modules: Iterable[torch.nn.Module], params: Sequence[torch.Tensor] = ()):
+    def __init__(self, modules: Iterable[torch.nn.Module], params: Sequence[torch.Tensor] = (),
+                 params_inferred: bool = False):
         self._param_ids = {id(p) for p in params}
+        self._params_inferred = params_inferred
         self._seen: set[int] = set()
         self._buffers: list[tuple[str, torch.nn.Module, str, torch.Tensor]] = []
         self._versions: list[int] = []
@@ -364,6 +374,8 @@ class BufferGuard:
         if id(module) in self._seen:
             return
         _check_not_sharded(module, self._param_ids)
+        if self._params_inferred:
+            _check_parameters_found(module, self._param_ids)
         self._seen.add(id(module))
         for name, b in module.named_buffers(recurse=False):
             self._buffers.append((f"{type(module).__name__}.{name}", module, name, b))
@@ -421,6 +433,18 @@ _FSDP_ADVICE = (
     "model), and not the vector field or its submodules: torch.distributed.fsdp.fully_shard(model) (FSDP2), or "
     "FullyShardedDataParallel(model, use_orig_params=True) (FSDP1) without an auto_wrap_policy that wraps modules "
     "inside the field. Or use backprop (torchdiffeq.odeint / sensitivity='autograd').")
+
+
+def _check_parameters_found(module: torch.nn.Module, param_ids: set[int]) -> None:
+    """Refuses a module the field calls whose own parameters require grad but are not differentiated."""
+    missing = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in param_ids]
+    if missing:
+        raise ValueError(
+            f"the vector field calls a {type(module).__name__} whose parameters ({', '.join(missing)}) require grad "
+            "but are not among the parameters of the vector field module, which are the ones the symplectic adjoint "
+            "differentiates: they would get no gradient. Make that module a submodule of the vector field (an "
+            "attribute of the nn.Module you pass), or with torchdiffeq pass the parameters as adjoint_params; or use "
+            "backprop (torchdiffeq.odeint / sensitivity='autograd').")
 
 
 def _fsdp_module_types() -> tuple[type, ...]:

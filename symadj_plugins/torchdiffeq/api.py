@@ -110,6 +110,7 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
     host = _TorchdiffeqHost(nfunc, method, rtol, atol, options, memory_budget=budget, params=params, user_func=func,
                             event_fn=event_fn)
+    host.params_inferred = adjoint_params is None  # func's parameters(): anything else f uses would be missed
     if event_fn is None:
         solution = odeint_symplectic(host, y0_flat, t_norm, params)
     else:

@@ -28,6 +28,8 @@ class _TorchdynHost(HostSolver):
     and the core return is :mod:`.outputs`' job (``self.slots``).
     """
 
+    params_inferred = True  # the vector field's (and integral loss's) parameters(): torchdyn has no way to list others
+
     def __init__(self, problem: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any, args: Any,
                  interpolator: Any, memory_budget: MemoryBudget, params: Sequence[torch.Tensor] = ()):
         self.problem = problem
