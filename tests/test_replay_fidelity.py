@@ -541,3 +541,30 @@ def test_fields_drawing_random_numbers_in_two_threads_at_once_each_replay_their_
     run_in_threads(solve_many, 2)
     assert not errors, errors[:1]
     assert len(compared) == 30 and max(compared) < 1e-10
+
+
+def test_torchdyn_adaptive_fields_drawing_in_two_threads_at_once_replay_their_own():
+    """torchdyn's adaptive solve evaluates f outside its steps (k1 = f(t_0, x_0), the initial step's probe): those
+    draws are watched per thread too. Without that, about one solve in five fails the replay check."""
+    from helpers import run_in_threads
+
+    torch.manual_seed(10)
+    fields = [NoisyField().double() for _ in range(2)]
+    x = torch.randn(4, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 3, dtype=torch.float64)
+    errors, solved = [], []
+
+    def solve_many():
+        model = NeuralODE(fields.pop(), solver="dopri5", sensitivity="symplectic_adjoint", atol=1e-2, rtol=1e-2)
+        try:
+            for _ in range(15):
+                y = x.clone().requires_grad_(True)
+                _, sol = model(y, t_span)
+                torch.autograd.grad(sol.pow(2).sum(), y)  # the replay check compares every replayed step
+                solved.append(True)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    run_in_threads(solve_many, 2)
+    assert not errors, errors[:1]
+    assert len(solved) == 30

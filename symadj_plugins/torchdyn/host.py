@@ -11,7 +11,6 @@ import torch
 from ..core import ButcherTableau, HostSolver, StageCall, Trajectory
 from ..core.budget import MemoryBudget
 from ..core.recording import StageKeeper
-from ..core.replay import RngState
 from ._internals import _problems, _tableau_of
 from .coefficients import _rounded_coefficients
 from .outputs import _adaptive_outputs, _augment, _fixed_outputs, _Slots, _user_solution, _with_accumulator
@@ -97,10 +96,10 @@ class _TorchdynHost(HostSolver):
         ``t_eval``, ``solver`` and ``tableau``."""
         problem = self.problem
         keeper = StageKeeper(self.memory_budget, x, _tableau_of(self.solver).num_stages, self.params)
-        with _TorchdynStepRecorder(self.solver, keeper, start_rng=RngState.capture(x.device)) as recorder:
-            self.t_eval, sol = _problems.odeint(problem.vf, x, self.t_span, recorder.solver, problem.atol,
-                                                     problem.rtol, interpolator=problem.interpolator,
-                                                     save_at=self.save_at, args=self.args)
+        with _TorchdynStepRecorder(self.solver, keeper) as recorder:
+            self.t_eval, sol = _problems.odeint(recorder.watched_field(problem.vf), x, self.t_span, recorder.solver,
+                                                problem.atol, problem.rtol, interpolator=problem.interpolator,
+                                                save_at=self.save_at, args=self.args)
         recorder.finish()
         self.solver = recorder.solver  # this solve's copy, with the tableau torchdyn synchronised to x
         self.f = recorder.f

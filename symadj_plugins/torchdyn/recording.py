@@ -52,7 +52,10 @@ class _TorchdynStepRecorder:
     final_state: torch.Tensor | None = None
     _pending: _Step | None = None
     _real_step: Callable | None = None
-    start_rng: RngState | None = None  # generators at the solve's start: where an adaptive first k1 drew
+    start_rng: RngState | None = None  # what an adaptive solve's first k1 = f(t_0, x_0) drew (`watched_field`)
+    _calls_outside_steps: int = 0
+    _in_step: bool = False
+    _recording: list = field(default_factory=list)  # [self] while the solve is recorded
     _checked: bool = False  # the field's first output was checked
 
     def __enter__(self) -> _TorchdynStepRecorder:
@@ -61,11 +64,33 @@ class _TorchdynStepRecorder:
         self.solver = copy.copy(self.solver)
         self._real_step = self.solver.step
         self.solver.step = self
+        self._recording.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         del self.solver.step  # the copy's step is its class's again (e.g. for the coefficient probes)
         self._real_step = None
+        self._recording.clear()
+
+    def watched_field(self, vf: Callable) -> Callable:
+        """``vf`` as torchdyn's ``odeint`` is to call it during the recorded solve: its calls outside the steps
+        (an adaptive solve's ``k1 = f(t_0, x_0)`` and its initial step's probe) go through the keeper's random-number
+        watch like the stage evaluations (so that they draw per thread, and the first one's draws are replayed: it is
+        the first step's first stage). After the solve it is ``vf`` itself: the replay calls it through torchdyn's
+        ``f``."""
+        recording = self._recording  # emptied when the solve ends: the replay's f holds no recorder
+
+        def watched(t, x, *rest, **kwargs):
+            if not recording or recording[0]._in_step:
+                return vf(t, x, *rest, **kwargs)
+            recorder = recording[0]
+            out, rng = recorder.keeper.randomness.call(vf, t, x, *rest, **kwargs)
+            if recorder._calls_outside_steps == 0:
+                recorder.start_rng = rng
+            recorder._calls_outside_steps += 1
+            return out
+
+        return watched
 
     def __call__(self, f, x, t, dt, k1=None, args=None):
         if self.f is None:
@@ -93,7 +118,11 @@ class _TorchdynStepRecorder:
                 self._checked = True
             return out
 
-        out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
+        self._in_step = True
+        try:
+            out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
+        finally:
+            self._in_step = False
         self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1)
         return out
 
