@@ -202,8 +202,8 @@ class RandomnessWatch:
         with spy:
             out = fn(*args, **kwargs)
         if spy.draws:
-            self.drew = True
-            return out, dataclasses.replace(before, draws=tuple(spy.draws))
+            self.drew = True  # the first draw's state stands for the evaluation's (no third state kept)
+            return out, dataclasses.replace(spy.draws[0][1], draws=tuple(spy.draws))
         if before.same_as(RngState.capture(self.device)) or _other_threads_run():
             return out, None
         self.drew = True  # drawn by other means than torch's random functions: replayed from the state before
