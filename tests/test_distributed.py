@@ -193,12 +193,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(out_dir: Path) -> list[dict]:
-    """Runs ``_worker`` on ``WORLD_SIZE`` spawned processes; returns each rank's results or raises with the
-    worker's traceback."""
+def run_workers(out_dir: Path, worker: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Runs ``worker`` (default: ``_worker``) on ``WORLD_SIZE`` spawned processes; returns each rank's results or
+    raises with the worker's traceback."""
     context = mp.get_context("spawn")
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, str(out_dir)), daemon=True)
+    processes = [context.Process(target=worker or _worker, args=(rank, port, str(out_dir)), daemon=True)
                  for rank in range(WORLD_SIZE)]
     for p in processes:
         p.start()
@@ -269,6 +269,166 @@ def test_adaptive_halves_take_other_steps_than_the_whole_batch(registered_for_mo
     whole = build(name)
     loss_of(whole(batches()[0])).backward()
     assert rel_error(grads_of(whole), single_process_grads(name, batches()[:1])) > 1e2 * TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------------------
+# FSDP. The symplectic adjoint differentiates the parameters it receives when the solve starts, and its backward
+# pass evaluates f again. FSDP around a module that calls the solver (the ODE block, the whole model) has installed
+# the unsharded parameters for its whole forward pass, and its backward hooks (registered on that module's outputs)
+# reduce-scatter their gradients: that works. FSDP around the vector field (or a module inside it) swaps the
+# parameters on every call of f, so the solve received parameters f does not use: refused when the solve starts,
+# as is FSDP1's default use_orig_params=False, which replaces the field's parameters by views of a flat parameter.
+
+FSDP_STEPS = dict(method="rk4", options={"step_size": 0.25})
+
+
+def _fsdp_solve(budget: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
+
+    return lambda field, x: odeint_symplectic_adjoint(field, x, _times(), memory_budget=budget, **FSDP_STEPS)
+
+
+def _fsdp_model(name: str) -> nn.Module:
+    """The model of scenario ``name`` (``<how>-<budget>``), sharded as ``how`` says."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    how, budget = name.rsplit("-", 1)
+    torch.manual_seed(0)
+    if how.startswith("torchdyn"):
+        node = _neural_ode("rk4").double()
+        model = ODEBlock(node, lambda node_, x: node_(x, torch.linspace(0.0, 1.0, 5, dtype=torch.float64))[1])
+        field = node.vf.vf
+    else:
+        field = Field().double()
+        model = ODEBlock(field, _fsdp_solve(budget))
+    cpu = torch.device("cpu")
+    if how in ("fsdp2-root", "torchdyn-fsdp2-root"):
+        _fully_shard()(model)
+    elif how in ("fsdp2-field", "torchdyn-fsdp2-field"):
+        _fully_shard()(field)
+        _fully_shard()(model)
+    elif how.startswith("fsdp1-root"):
+        model = FullyShardedDataParallel(model, use_orig_params=how.endswith("orig_params"), device_id=cpu)
+    elif how.startswith("fsdp1-field"):
+        model.ode = FullyShardedDataParallel(field, use_orig_params=how.endswith("orig_params"), device_id=cpu)
+        model = FullyShardedDataParallel(model, use_orig_params=how.endswith("orig_params"), device_id=cpu)
+    return model
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+BUDGETS = ("min", "stages", "max")
+# Scenario names: <how>-<budget>. torchdyn takes its budget from symadj_plugins.options(): the default.
+FSDP_WORKS = [f"{how}-{b}" for how in ("fsdp2-root", "fsdp1-root-orig_params") for b in BUDGETS] + \
+    ["torchdyn-fsdp2-root-default"]
+FSDP_REFUSED = {  # scenario -> what the error must say
+    **{f"fsdp2-field-{b}": "sharded by FSDP" for b in BUDGETS},
+    **{f"fsdp1-field-{p}-{b}": "sharded by FSDP" for p in ("orig_params", "flat_params") for b in BUDGETS},
+    **{f"fsdp1-root-flat_params-{b}": "use_orig_params=True" for b in BUDGETS},
+    "torchdyn-fsdp2-field-default": "sharded by FSDP",
+}
+
+
+def _full_grads(model: nn.Module, name: str) -> list[torch.Tensor | None]:
+    """The whole (unsharded) gradient of every parameter, in the order of the unwrapped model's parameters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if "fsdp1" in name:
+        with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+            return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    return [None if p.grad is None else p.grad.full_tensor() for p in model.parameters()]
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+        symadj_plugins.register()
+        results = {}
+        for name in [*FSDP_WORKS, *FSDP_REFUSED]:
+            model = _fsdp_model(name)
+            phase = "forward"
+            try:  # an error is raised identically on both ranks: no collective is left waiting
+                output = model(half(batches()[0], rank))
+                phase = "backward"
+                loss_of(output).backward()
+            except Exception as exc:
+                results[name] = {"error": f"{type(exc).__name__}: {exc}", "phase": phase}
+                continue
+            results[name] = {"grads": _full_grads(model, name)}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        partial = Path(out_dir) / f"rank{rank}.err.partial"
+        partial.write_text(traceback.format_exc())
+        partial.rename(partial.with_suffix(""))
+        raise
+    os._exit(0)
+
+
+def _fsdp_available() -> bool:
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
+        _fully_shard()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory, registered_for_module) -> list[dict]:
+    if not _fsdp_available():
+        pytest.skip("torch.distributed with FSDP1 and FSDP2 (fully_shard) is not available")
+    return run_workers(tmp_path_factory.mktemp("fsdp"), _fsdp_worker)
+
+
+def backprop_grads_on_the_whole_batch(name: str) -> list[torch.Tensor]:
+    """Backprop through the same rk4 steps, one process, no FSDP, on the whole batch (the mean of the halves' losses):
+    torchdiffeq.odeint, or torchdyn's sensitivity="autograd"."""
+    import torchdiffeq
+    from torchdyn.core import NeuralODE
+
+    torch.manual_seed(0)
+    if name.startswith("torchdyn"):
+        node = NeuralODE(Field(), sensitivity="autograd", solver="rk4").double()
+        model = ODEBlock(node, lambda node_, x: node_(x, torch.linspace(0.0, 1.0, 5, dtype=torch.float64))[1])
+    else:
+        model = ODEBlock(Field().double(), lambda field, x: torchdiffeq.odeint(field, x, _times(), **FSDP_STEPS))
+    loss_of(model(batches()[0])).backward()
+    return grads_of(model)
+
+
+@pytest.mark.parametrize("name", FSDP_WORKS)
+def test_fsdp_around_the_module_that_solves_gives_backprops_gradient(name, fsdp_results):
+    want = backprop_grads_on_the_whole_batch(name)
+    assert all(w.norm() > 0 for w in want)
+    for rank, results in enumerate(fsdp_results):
+        got = results[name].get("grads")
+        assert got is not None, f"rank {rank}: {results[name]}"
+        assert all(g is not None for g in got), f"rank {rank}: a parameter got no gradient"
+        error = rel_error(got, want)
+        assert error <= TOLERANCE, f"rank {rank}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", list(FSDP_REFUSED))
+def test_fsdp_around_the_vector_field_is_refused_when_the_solve_starts(name, fsdp_results):
+    for results in fsdp_results:
+        assert results[name].get("phase") == "forward", f"not refused in the forward pass: {results[name]}"
+        message = results[name]["error"]
+        assert message.startswith("ValueError")
+        assert FSDP_REFUSED[name] in message
+        # The message names the configurations that work.
+        assert "fully_shard(model)" in message and "use_orig_params=True" in message
 
 
 # --------------------------------------------------------------------------------------------------------

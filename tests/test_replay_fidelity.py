@@ -8,8 +8,6 @@ forward pass and ``backward()``.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torchdiffeq
@@ -88,6 +86,22 @@ def test_random_numbers_drawn_by_the_field_are_replayed_torchdyn():
     assert torch.equal(after, ref_after)
 
 
+def test_the_time_gradient_does_not_move_the_generator():
+    """With ``t`` requiring grad, the t-gradient formula evaluates f afresh; that must not move the user's generator
+    (backprop's backward draws nothing). torchdyn's adapter does not differentiate t_span."""
+    torch.manual_seed(0)
+    field = NoisyField().double()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    after = {}
+    for name, solve in (("ours", odeint_symplectic_adjoint), ("backprop", torchdiffeq.odeint)):
+        torch.manual_seed(7)
+        t = T.clone().requires_grad_(True)
+        grad_t = torch.autograd.grad(solve(field, y0, t, **FIXED_GRID).pow(2).sum(), t)[0]
+        assert grad_t.abs().sum() > 0
+        after[name] = torch.rand(())
+    assert torch.equal(after["ours"], after["backprop"])
+
+
 def test_deterministic_field_keeps_no_random_state():
     field = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
     y0 = torch.randn(3, 4, dtype=torch.float64)
@@ -139,6 +153,24 @@ def test_autocast_state_of_the_forward_pass_is_re_entered(cache_enabled):
     # that used it in bf16 before casting back; the replay casts per stage and sums in float32. Without the cache both
     # sum in float32.
     assert rel_error(grads["ours"][1:], grads["backprop"][1:]) < (3e-2 if cache_enabled else 1e-6)
+
+
+class LowPrecisionField(MLPField):
+    def forward(self, t, y, args=None):
+        return self.net(y)  # bfloat16 under autocast: not cast back to the state's dtype
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_a_field_returning_bfloat16_under_autocast_gets_a_clear_dtype_error(adapter, method):
+    field, y0 = LowPrecisionField(), torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(ValueError, match=r"dtype torch.bfloat16.*dtype torch.float32"):
+        if adapter == "torchdiffeq":
+            odeint_symplectic_adjoint(field, y0, T.float(), method=method, options=FIXED_GRID["options"]
+                                      if method == "rk4" else None)
+        else:
+            NeuralODE(field, solver=method, sensitivity="symplectic_adjoint")(y0, torch.linspace(0, 1, 5))
 
 
 class HookCounter:
@@ -221,29 +253,78 @@ def test_batchnorm_running_statistics_end_as_backprop_leaves_them(config):
     assert float(grads["ours"][2].abs().max()) < 1e-12 * float(grads["backprop"][1].abs().max())
 
 
+@pytest.mark.parametrize("config", [FIXED_GRID, ADAPTIVE], ids=["rk4", "dopri5"])
+def test_batchnorm_in_a_function_field_ends_as_backprop_leaves_it(config):
+    """A lambda closing over a module (with adjoint_params): its modules are found while it runs, and their running
+    statistics end as backprop leaves them, as for a module field."""
+    torch.manual_seed(3)
+    y0 = torch.randn(16, 4, dtype=torch.float64)
+    states, grads = {}, {}
+    for name, solve in (("ours", odeint_symplectic_adjoint), ("backprop", torchdiffeq.odeint)):
+        torch.manual_seed(4)
+        net = BatchNormField().net.double().train()
+        y = y0.clone().requires_grad_(True)
+        extra = dict(adjoint_params=tuple(net.parameters())) if name == "ours" else {}
+        out = solve(lambda t, y_, net=net: net(y_), y, T, **config, **extra)
+        grads[name] = torch.autograd.grad(out.pow(2).sum(), (y, *net.parameters()))
+        states[name] = {k: v.clone() for k, v in net.state_dict().items()}
+    assert int(states["ours"]["1.num_batches_tracked"]) == int(states["backprop"]["1.num_batches_tracked"])
+    for key in ("running_mean", "running_var"):
+        assert torch.equal(states["ours"]["1." + key], states["backprop"]["1." + key])
+    without_bias = [0, 1, *range(3, len(grads["ours"]))]  # the first bias: rounding noise in both (see above)
+    assert rel_error(*([g[i] for i in without_bias] for g in (grads["ours"], grads["backprop"]))) < 1e-10
+
+
+class CallsAnUnregisteredModule(nn.Module):
+    """A module field that calls a module it does not hold as a submodule (kept in a list): its parameters are not
+    among the field's parameters()."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+        self.held = [net]
+
+    def forward(self, t, y, args=None):
+        return self.scale * self.held[0](y)
+
+
+# torchdiffeq needs adjoint_params for a function field: then the parameters differentiated are the caller's choice.
+@pytest.mark.parametrize(("adapter", "field_kind"), [("torchdyn", "function"), ("torchdyn", "unregistered submodule"),
+                                                     ("torchdiffeq", "unregistered submodule")])
+def test_parameters_the_field_uses_but_the_solve_did_not_find_are_refused(adapter, field_kind):
+    """Where the adapter finds the parameters itself (torchdyn; torchdiffeq without adjoint_params), a module the field
+    calls with other parameters that require grad would silently get no gradient (backprop gives it one): refused
+    when the solve starts."""
+    net = MLPField().net.double()
+    field = (lambda t, y, args=None: net(y)) if field_kind == "function" else CallsAnUnregisteredModule(net)
+    y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="whose parameters .* require grad but are not among the parameters"):
+        if adapter == "torchdyn":
+            NeuralODE(field, solver="rk4", sensitivity="symplectic_adjoint")(y0, torch.linspace(0, 1, 5).double())
+        else:
+            odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID)
+    if adapter == "torchdiffeq":  # listed by the caller: differentiated as listed, as torchdiffeq.odeint_adjoint does
+        out = odeint_symplectic_adjoint(field, y0, T, adjoint_params=tuple(net.parameters()), **FIXED_GRID)
+        ref = torchdiffeq.odeint(field, y0, T, **FIXED_GRID)
+        wrt = (y0, *net.parameters())
+        assert rel_error(torch.autograd.grad(out.sum(), wrt), torch.autograd.grad(ref.sum(), wrt)) < 1e-10
+
+
+@pytest.mark.parametrize("field_kind", ["module", "function"])
 @pytest.mark.parametrize("parametrization", ["hook", "parametrize"])
-def test_spectral_norm_in_training_mode_is_refused(parametrization):
+def test_spectral_norm_in_training_mode_is_refused(parametrization, field_kind):
     torch.manual_seed(5)
     norm = nn.utils.spectral_norm if parametrization == "hook" else nn.utils.parametrizations.spectral_norm
     net = nn.Sequential(norm(nn.Linear(4, 4)), nn.Tanh()).double()
     y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    # A plain function around the module: the adapter cannot see the module. Either the weights moved by more than
-    # rounding during the solve and the replay check raises (spectral_norm's hook starts from a random u), or they did
-    # not and the gradient is backprop's (the parametrization converges its power iteration when it is created).
-    reference = copy.deepcopy(net)
-    out = odeint_symplectic_adjoint(lambda t, y: net(y), y0, T, adjoint_params=tuple(net.parameters()), **FIXED_GRID)
-    if parametrization == "hook":
-        with pytest.raises(RuntimeError, match="did not reproduce the forward pass"):
-            torch.autograd.grad(out.sum(), y0)
-    else:
-        ref = torchdiffeq.odeint(lambda t, y: reference(y), y0, T, **FIXED_GRID)
-        assert rel_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
-    # A module field: its buffers are watched, and the power iteration's updates are refused in the forward pass.
+    # A plain function around the module is refused like a module field: its modules are found while it runs.
+    field = _ModuleField(net) if field_kind == "module" else (lambda t, y: net(y))
+    extra = {} if field_kind == "module" else dict(adjoint_params=tuple(net.parameters()))
     with pytest.raises(ValueError, match="changes its own function on every call.*eval mode"):
-        odeint_symplectic_adjoint(_ModuleField(net), y0, T, **FIXED_GRID)
+        odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID, **extra)
     net.eval()  # fixed weights: exact
-    out = odeint_symplectic_adjoint(_ModuleField(net), y0, T, **FIXED_GRID)
-    ref = torchdiffeq.odeint(_ModuleField(net), y0, T, **FIXED_GRID)
+    out = odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID, **extra)
+    ref = torchdiffeq.odeint(field, y0, T, **FIXED_GRID)
     assert rel_error(torch.autograd.grad(out.sum(), y0), torch.autograd.grad(ref.sum(), y0)) < 1e-10
 
 
@@ -375,3 +456,128 @@ def test_random_numbers_first_drawn_after_the_first_step_are_refused():
     y0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="after a first step that drew none"):
         odeint_symplectic_adjoint(field, y0, T, **FIXED_GRID)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Random numbers and threads: torch has one generator per device for all threads. A solve must not mistake
+# another thread's draws for its field's, and fields that draw in two threads at once must each replay their own.
+
+class LoggedNoiseField(MLPField):
+    """Draws a dropout-like mask and additive noise on every call and logs them (``drawn``); with ``given`` set, it
+    uses those draws instead, in order: backprop through the forward pass's very random numbers is the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.given = None
+
+    def forward(self, t, y, args=None):
+        h = torch.tanh(self.net[0](y))
+        if self.given is None:
+            mask, noise = (torch.rand_like(h) > 0.3).to(h.dtype) / 0.7, 0.05 * torch.randn_like(y)
+            self.drawn.append((mask, noise))
+        else:
+            mask, noise = next(self.given)
+        return self.net[2](h * mask) + noise
+
+
+def _backprop_with_the_same_draws(field, y0, drawn, solve_kwargs):
+    field.given = iter(drawn)
+    try:
+        y = y0.clone().requires_grad_(True)
+        out = torchdiffeq.odeint(field, y, T, **solve_kwargs)
+        return torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+    finally:
+        field.given = None
+
+
+@pytest.mark.parametrize("adapter", ["torchdiffeq", "torchdyn"])
+def test_a_solve_is_not_disturbed_by_another_thread_drawing_random_numbers(adapter):
+    from helpers import run_in_threads
+
+    torch.manual_seed(8)
+    field = MLPField().double()
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 9, dtype=torch.float64)
+
+    def gradient():
+        y = y0.clone().requires_grad_(True)
+        if adapter == "torchdiffeq":
+            out = odeint_symplectic_adjoint(field, y, T, **FIXED_GRID)
+        else:
+            out = NeuralODE(field, solver="rk4", sensitivity="symplectic_adjoint", return_t_eval=False)(y, t_span)
+        return torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+
+    reference = gradient()
+    done, errors = [], []
+
+    def solve_many():
+        try:
+            for _ in range(30):
+                assert all(torch.equal(g, r) for g, r in zip(gradient(), reference))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.append(True)
+
+    def draw_meanwhile():
+        while not done:
+            torch.randn(16)
+
+    roles = [solve_many, draw_meanwhile]
+    run_in_threads(lambda: roles.pop()(), 2)
+    assert not errors, errors[:1]
+
+
+def test_fields_drawing_random_numbers_in_two_threads_at_once_each_replay_their_own():
+    from helpers import run_in_threads
+
+    y0 = torch.randn(4, 4, dtype=torch.float64)
+    torch.manual_seed(9)
+    fields = [LoggedNoiseField().double() for _ in range(2)]  # made here: only the solves draw in the threads
+    errors, compared = [], []
+
+    def solve_many():
+        field = fields.pop()
+        try:
+            for _ in range(15):
+                field.drawn.clear()
+                y = y0.clone().requires_grad_(True)
+                out = odeint_symplectic_adjoint(field, y, T, **FIXED_GRID)
+                drawn = list(field.drawn)  # the forward pass's draws (the replay's are logged after them)
+                grads = torch.autograd.grad(out.pow(2).sum(), (y, *field.parameters()))
+                reference = _backprop_with_the_same_draws(field, y0, drawn, FIXED_GRID)
+                compared.append(rel_error(grads, reference))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    run_in_threads(solve_many, 2)
+    assert not errors, errors[:1]
+    assert len(compared) == 30 and max(compared) < 1e-10
+
+
+def test_torchdyn_adaptive_fields_drawing_in_two_threads_at_once_replay_their_own():
+    """torchdyn's adaptive solve evaluates f outside its steps (k1 = f(t_0, x_0), the initial step's probe): those
+    draws are watched per thread too. Without that, about one solve in five fails the replay check."""
+    from helpers import run_in_threads
+
+    torch.manual_seed(10)
+    fields = [NoisyField().double() for _ in range(2)]
+    x = torch.randn(4, 4, dtype=torch.float64)
+    t_span = torch.linspace(0, 1, 3, dtype=torch.float64)
+    errors, solved = [], []
+
+    def solve_many():
+        model = NeuralODE(fields.pop(), solver="dopri5", sensitivity="symplectic_adjoint", atol=1e-2, rtol=1e-2)
+        try:
+            for _ in range(15):
+                y = x.clone().requires_grad_(True)
+                _, sol = model(y, t_span)
+                torch.autograd.grad(sol.pow(2).sum(), y)  # the replay check compares every replayed step
+                solved.append(True)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    run_in_threads(solve_many, 2)
+    assert not errors, errors[:1]
+    assert len(solved) == 30

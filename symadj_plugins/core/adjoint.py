@@ -27,7 +27,7 @@ import torch
 from ._engine import vjp
 from .budget import KeptGraph
 from .checkpointing import Restart, reversed_states
-from .replay import AutocastState, BufferGuard, ReplayCheck, hooks_suspended
+from .replay import AutocastState, BufferGuard, ReplayCheck, generators_kept, hooks_suspended
 from .tableau import ButcherTableau, StagePlan
 from .trajectory import StageCall, Trajectory
 
@@ -42,11 +42,15 @@ class HostSolver(abc.ABC):
         checked_entries: the entries of the flattened state that are stored as the forward pass computed them,
             which the replay check compares (all by default; a host that stores a placeholder for part of the
             state, like torchdyn's integral-loss accumulator, narrows it).
+        params_inferred: whether the adapter found the parameters itself (the field module's ``parameters()``)
+            rather than the caller listing them; then a module the field calls with other parameters that require
+            grad is refused (see ``core.replay.BufferGuard``).
     """
 
     tableau: ButcherTableau
     returned_slots: Sequence[int] | None = None
     checked_entries: slice = slice(None)
+    params_inferred: bool = False
 
     @abc.abstractmethod
     def solve(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Trajectory]:
@@ -134,8 +138,9 @@ class _SymplecticAdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, host: HostSolver, y0: torch.Tensor, t: torch.Tensor, *params: torch.Tensor):
-        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules()))
-        solution, trajectory = host.solve(y0, t)
+        replay = _Replay(AutocastState.capture(), BufferGuard(host.modules(), params, host.params_inferred))
+        with replay.buffers.watching():  # also finds the modules a field that is not a module calls
+            solution, trajectory = host.solve(y0, t)
         replay.buffers.after_forward()
         tensors, structure = trajectory.pack()
         ctx.host, ctx.structure, ctx.replay = host, structure, replay
@@ -495,9 +500,10 @@ def time_gradient(host: HostSolver, t: torch.Tensor, y0: torch.Tensor, values: S
     """``∂L/∂t``: ``g_kᵀ f(t_k, y(t_k))`` for outputs ``k ≥ 1`` and ``-λ_0ᵀ f(t_0, y_0)`` for the start.
 
     The same formula as ``torchdiffeq.odeint_adjoint`` (the derivative of the exact flow; the discrete
-    solution's step sizes are not differentiated, so this is not the derivative of the discrete map).
+    solution's step sizes are not differentiated, so this is not the derivative of the discrete map). A field that
+    draws random numbers draws afresh here, and the generators are put back (backprop's backward draws nothing).
     """
-    with torch.no_grad():
+    with torch.no_grad(), generators_kept(y0.device):
         grad_t = torch.zeros_like(t)
         for k in range(1, len(t)):
             if cotangents[k] is None:  # a slot not returned: zero cotangent, zero gradient

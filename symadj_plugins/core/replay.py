@@ -23,13 +23,16 @@ that the replay has no side effects the forward pass did not have. This module i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AutocastState", "BufferGuard", "RandomnessWatch", "ReplayCheck", "RngState", "hooks_suspended"]
+__all__ = ["AutocastState", "BufferGuard", "RandomnessWatch", "ReplayCheck", "RngState", "generators_kept",
+           "hooks_suspended"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -43,11 +46,16 @@ class RngState:
         cpu: ``torch.get_rng_state()`` (a ``uint8`` tensor of 5056 bytes).
         cuda: ``torch.cuda.get_rng_state(device)`` for the state's CUDA device, or ``None``.
         cuda_device: that device's index, or ``None``.
+        draws: for an evaluation whose draws went through torch's random functions (:data:`RANDOM_FUNCTIONS`), per
+            such call that drew (its index among the evaluation's calls of those functions), the state it drew from.
+            Then the replay restores the state around each of those calls only, and draws by other threads between
+            them do not matter; ``()``: the whole evaluation is replayed from this state.
     """
 
     cpu: torch.Tensor
     cuda: torch.Tensor | None = None
     cuda_device: int | None = None
+    draws: tuple[tuple[int, RngState], ...] = ()
 
     @classmethod
     def capture(cls, device: torch.device) -> RngState:
@@ -69,9 +77,21 @@ class RngState:
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
-        """Runs the block from this state, then puts the generators back where they were."""
-        device = torch.device("cuda", self.cuda_device) if self.cuda is not None else None
-        before = RngState.capture(device) if device is not None else RngState(torch.get_rng_state())
+        """Runs the block (one replayed evaluation) with the random numbers the forward evaluation drew, then puts the
+        generators back where they were."""
+        if self.draws:
+            with _DrawSpy(self.cuda_device_or_cpu(), replay=dict(self.draws)):
+                yield
+            return
+        with _RNG_LOCK, self._restored():
+            yield
+
+    def cuda_device_or_cpu(self) -> torch.device:
+        return torch.device("cuda", self.cuda_device) if self.cuda is not None else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _restored(self) -> Iterator[None]:
+        before = RngState.capture(self.cuda_device_or_cpu())
         self._set()
         try:
             yield
@@ -84,14 +104,89 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, torch.device("cuda", self.cuda_device))
 
 
-class RandomnessWatch:
-    """Runs forward evaluations of ``f`` and tells which ones drew random numbers.
+# Held while one of this package's evaluations draws from (or replays) the generators, so that solves in other
+# threads, which take it too, do not draw in between. Re-entrant: a vector field may itself run a solve.
+_RNG_LOCK = threading.RLock()
 
-    ``call`` returns ``f``'s value and the :class:`RngState` the evaluation started from if it changed the
-    generators (``None`` otherwise: a deterministic field holds nothing). Reading the generator twice per evaluation
-    costs as much as a small network's evaluation, so once a whole step has drawn nothing (:meth:`settle`), the
-    evaluations are no longer watched one by one; :meth:`verify` then checks, after the solve, that the generators
-    have not moved since, and refuses the solve if they have (its random numbers could not be replayed).
+
+def _random_functions() -> frozenset:
+    """torch's functions and tensor methods that draw from the default generators (unless given ``generator=``)."""
+    F, T = torch.nn.functional, torch.Tensor
+    names = [
+        (torch, ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli",
+                 "normal", "poisson", "multinomial", "binomial", "dropout", "alpha_dropout", "feature_dropout",
+                 "feature_alpha_dropout", "rrelu", "rrelu_", "_standard_gamma", "_sample_dirichlet")),
+        (F, ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu",
+             "gumbel_softmax")),
+        (T, ("bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+             "log_normal_", "multinomial")),
+        (torch.nn.init, ("uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_",
+                         "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")),
+    ]
+    return frozenset(getattr(owner, name) for owner, group in names for name in group if hasattr(owner, name))
+
+
+RANDOM_FUNCTIONS = _random_functions()
+
+
+class _DrawSpy(torch.overrides.TorchFunctionMode):
+    """Sees, in this thread only (torch function modes are per thread), each call of a function of
+    :data:`RANDOM_FUNCTIONS` during one evaluation of ``f``.
+
+    Recording (``replay=None``): notes in ``draws`` the generator state each such call drew from. Replaying: restores
+    the recorded state around the call of the same index, and puts the generators back after it. Both hold
+    ``_RNG_LOCK`` around the call, so that another thread's evaluation does not draw in between.
+    """
+
+    def __init__(self, device: torch.device, replay: dict[int, RngState] | None = None, put_back: bool = False):
+        super().__init__()
+        self.device, self.replay, self.put_back = device, replay, put_back
+        self.draws: list[tuple[int, RngState]] = []
+        self._count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not _is_random(func) or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        if self.put_back:
+            with _RNG_LOCK, RngState.capture(self.device)._restored():
+                return func(*args, **kwargs)
+        index, self._count = self._count, self._count + 1
+        if self.replay is not None:
+            state = self.replay.get(index)
+            if state is None:  # the forward evaluation's call drew nothing
+                return func(*args, **kwargs)
+            with _RNG_LOCK, state._restored():
+                return func(*args, **kwargs)
+        with _RNG_LOCK:
+            before = RngState.capture(self.device)
+            out = func(*args, **kwargs)
+            if not before.same_as(RngState.capture(self.device)):
+                self.draws.append((index, before))
+        return out
+
+
+def _is_random(func) -> bool:
+    try:
+        return func in RANDOM_FUNCTIONS
+    except TypeError:  # not hashable: not one of them
+        return False
+
+
+class RandomnessWatch:
+    """Runs forward evaluations of ``f`` and tells which ones drew random numbers, in this thread.
+
+    ``call`` returns ``f``'s value and, if the evaluation drew random numbers, the :class:`RngState` its replay needs
+    (``None`` otherwise: a deterministic field holds nothing). torch has one generator per device for all threads, so
+    an evaluation is watched in two ways: its calls of torch's random functions are seen in this thread only
+    (:class:`_DrawSpy`), each noted with the state it drew from; and the generators are compared before and after,
+    which also catches draws by other means (a C++ extension) but cannot tell them from another thread's. Such a
+    change is counted as this evaluation's only while no other Python thread runs.
+
+    Watching costs as much as a small network's evaluation, so once a whole step has drawn nothing (:meth:`settle`),
+    the evaluations are no longer watched one by one; :meth:`verify` then checks, after the solve, that the generators
+    have not moved since, and refuses the solve if they have (again only while no other Python thread runs: a solve
+    is not refused for another thread's draws).
     """
 
     def __init__(self, device: torch.device):
@@ -102,11 +197,16 @@ class RandomnessWatch:
     def call(self, fn: Callable[..., torch.Tensor], *args, **kwargs) -> tuple[torch.Tensor, RngState | None]:
         if self._unwatched_since is not None:
             return fn(*args, **kwargs), None
+        spy = _DrawSpy(self.device)
         before = RngState.capture(self.device)
-        out = fn(*args, **kwargs)
-        if before.same_as(RngState.capture(self.device)):
+        with spy:
+            out = fn(*args, **kwargs)
+        if spy.draws:
+            self.drew = True  # the first draw's state stands for the evaluation's (no third state kept)
+            return out, dataclasses.replace(spy.draws[0][1], draws=tuple(spy.draws))
+        if before.same_as(RngState.capture(self.device)) or _other_threads_run():
             return out, None
-        self.drew = True
+        self.drew = True  # drawn by other means than torch's random functions: replayed from the state before
         return out, before
 
     def settle(self) -> None:
@@ -116,12 +216,32 @@ class RandomnessWatch:
 
     def verify(self) -> None:
         """After the solve: raises if random numbers were drawn while evaluations were not watched."""
-        if self._unwatched_since is not None and not self._unwatched_since.same_as(RngState.capture(self.device)):
+        if self._unwatched_since is not None and not self._unwatched_since.same_as(RngState.capture(self.device)) \
+                and not _other_threads_run():
             raise ValueError(
                 "random numbers were drawn during the solve after a first step that drew none (by the vector field, "
                 "or by a callback): the symplectic adjoint replays each evaluation of f with the random numbers it "
                 "drew, and could not record these. Draw them in every evaluation (as Dropout does), draw them outside "
                 "the solve, or use backprop (torchdiffeq.odeint / sensitivity='autograd').")
+
+
+@contextlib.contextmanager
+def generators_kept(device: torch.device) -> Iterator[None]:
+    """Runs the block (evaluations of ``f`` that are no replay, like the t-gradient's) without moving the generators:
+    each call of torch's random functions draws, and the generators are put back after it. Draws by other means are
+    undone at the end while no other Python thread runs (which another thread's draws would be)."""
+    whole = None if _other_threads_run() else RngState.capture(device)
+    try:
+        with _DrawSpy(device, put_back=True):
+            yield
+    finally:
+        if whole is not None:
+            whole._set()
+
+
+def _other_threads_run() -> bool:
+    """Whether another Python thread is alive (then a change of the shared generators may be its draw)."""
+    return threading.active_count() > 1
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,16 +335,67 @@ def _changes_function(module: torch.nn.Module, buffer_name: str) -> bool:
 class BufferGuard:
     """Notices which module buffers the forward solve updates in place, and undoes the replay's updates.
 
-    Usage: ``guard = BufferGuard(modules)`` before the forward solve, ``guard.after_forward()`` after it (raises
-    if a module changes its own function per call), then ``with guard.restoring(): <backward sweep>``.
+    The modules are those the field is declared to be made of (``modules``) and every module it calls while the
+    forward solve runs (found by a module forward pre-hook active only in the solving thread, during
+    :meth:`watching`), so a function or lambda closing over modules is guarded like an ``nn.Module`` field. A module
+    reached for the first time has its buffers' versions noted then, before it runs.
+
+    Usage: ``guard = BufferGuard(modules, params)`` before the forward solve, ``with guard.watching(): <solve>``,
+    ``guard.after_forward()`` after it (raises if a module changes its own function per call), then
+    ``with guard.restoring(): <backward sweep>``.
+
+    Args:
+        modules: the modules the field is declared to be made of.
+        params: the parameters the solve differentiates.
+        params_inferred: whether the adapter found ``params`` itself (the field module's ``parameters()``) rather
+            than the caller listing them: then a module the field calls whose parameters require grad and are not
+            among them is refused (they would silently get no gradient, where backprop gives them one).
+
+    Raises:
+        ValueError: (at construction, or at the module's first call in the solve) a module of the field is sharded
+            by FSDP, whose hooks swap its parameters on every call (see :func:`_check_not_sharded`); or, with
+            ``params_inferred``, it has parameters the solve does not differentiate.
     """
 
-    def __init__(self, modules: Iterable[torch.nn.Module]):
-        self._buffers = [(f"{type(m).__name__}.{name}", m, name, b)
-                         for m in _unique_modules(modules) for name, b in m.named_buffers(recurse=False)]
-        self._versions = [b._version for *_, b in self._buffers]
+    def __init__(self, modules: Iterable[torch.nn.Module], params: Sequence[torch.Tensor] = (),
+                 params_inferred: bool = False):
+        self._param_ids = {id(p) for p in params}
+        self._params_inferred = params_inferred
+        self._seen: set[int] = set()
+        self._buffers: list[tuple[str, torch.nn.Module, str, torch.Tensor]] = []
+        self._versions: list[int] = []
+        for m in _unique_modules(modules):
+            self._reach(m)
         self.updated: list[torch.Tensor] = []
         self.suspects: list[str] = []
+
+    def _reach(self, module: torch.nn.Module) -> None:
+        """Notes ``module``'s own buffers and their versions, once."""
+        if id(module) in self._seen:
+            return
+        _check_not_sharded(module, self._param_ids)
+        if self._params_inferred:
+            _check_parameters_found(module, self._param_ids)
+        self._seen.add(id(module))
+        for name, b in module.named_buffers(recurse=False):
+            self._buffers.append((f"{type(module).__name__}.{name}", module, name, b))
+            self._versions.append(b._version)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Runs the forward solve, noting every module the field calls in this thread (other threads' calls are
+        theirs: a global hook sees them too)."""
+        thread = threading.get_ident()
+
+        def reached(module: torch.nn.Module, args) -> None:
+            if threading.get_ident() == thread and id(module) not in self._seen:
+                self._reach(module)
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(reached)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def after_forward(self) -> None:
         changed = [(label, m, name, b) for (label, m, name, b), v in zip(self._buffers, self._versions)
@@ -255,6 +426,70 @@ class BufferGuard:
             with torch.no_grad():
                 for b, value in zip(self.updated, saved):
                     b.copy_(value)
+
+
+_FSDP_ADVICE = (
+    "Shard a module that calls the solver in its forward and contains the vector field (the ODE block, or the whole "
+    "model), and not the vector field or its submodules: torch.distributed.fsdp.fully_shard(model) (FSDP2), or "
+    "FullyShardedDataParallel(model, use_orig_params=True) (FSDP1) without an auto_wrap_policy that wraps modules "
+    "inside the field. Or use backprop (torchdiffeq.odeint / sensitivity='autograd').")
+
+
+def _check_parameters_found(module: torch.nn.Module, param_ids: set[int]) -> None:
+    """Refuses a module the field calls whose own parameters require grad but are not differentiated."""
+    missing = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in param_ids]
+    if missing:
+        raise ValueError(
+            f"the vector field calls a {type(module).__name__} whose parameters ({', '.join(missing)}) require grad "
+            "but are not among the parameters of the vector field module, which are the ones the symplectic adjoint "
+            "differentiates: they would get no gradient. Make that module a submodule of the vector field (an "
+            "attribute of the nn.Module you pass), or with torchdiffeq pass the parameters as adjoint_params; or use "
+            "backprop (torchdiffeq.odeint / sensitivity='autograd').")
+
+
+def _fsdp_module_types() -> tuple[type, ...]:
+    """FSDP2's ``FSDPModule`` and FSDP1's ``FullyShardedDataParallel``, those that this torch has."""
+    if not torch.distributed.is_available():
+        return ()
+    types: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        types.append(FullyShardedDataParallel)
+        from torch.distributed.fsdp import FSDPModule
+        types.append(FSDPModule)
+    except ImportError:  # an older torch: no FSDP2
+        pass
+    return tuple(types)
+
+
+def _check_not_sharded(module: torch.nn.Module, param_ids: set[int]) -> None:
+    """Refuses a module whose parameters FSDP swaps per call, so that the parameters the symplectic adjoint
+    differentiates (read before the solve) are not those ``f`` uses.
+
+    - FSDP around the field or a module inside it (FSDP2 ``fully_shard``, FSDP1 ``FullyShardedDataParallel``): its
+      pre-forward hook all-gathers and installs unsharded parameters on each call and its post-forward hook puts the
+      shards back; the gradient of the unsharded ones is reduce-scattered by hooks that the backward pass's replay
+      does not run. The parameters the solve received get no gradient (FSDP2: ``None`` or zero; FSDP1: zero).
+    - FSDP1 with ``use_orig_params=False`` around a module that contains the field: during the forward pass the
+      field's modules hold plain views of a flat parameter instead of their parameters, so the field has no
+      parameters to differentiate.
+    """
+    if isinstance(module, _fsdp_module_types()):
+        raise ValueError(
+            f"the vector field's module {type(module).__name__} is sharded by FSDP: FSDP swaps its parameters for "
+            "unsharded ones on every call, so the symplectic adjoint, which evaluates f again in the backward pass, "
+            f"would differentiate parameters f does not use (they would get no gradient). {_FSDP_ADVICE}")
+    for name, value in vars(module).items():
+        replaced = (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+                    and value.requires_grad and isinstance(value._base, torch.nn.Parameter)
+                    and id(value._base) not in param_ids and name not in module._parameters)
+        if replaced:
+            raise ValueError(
+                f"the vector field's module {type(module).__name__} holds {name!r} as a view of a parameter that is "
+                "not among the parameters differentiated (FullyShardedDataParallel with use_orig_params=False replaces "
+                "parameters by views of its flat parameter during the forward pass): the field's parameters would get "
+                "no gradient. Use FullyShardedDataParallel(model, use_orig_params=True), or pass the parameter in "
+                f"adjoint_params. {_FSDP_ADVICE}")
 
 
 def _unique_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:

@@ -118,8 +118,9 @@ def odeint_symplectic_adjoint(func: Callable, y0: torch.Tensor | tuple[torch.Ten
 
     shapes, nfunc, y0_flat, t_norm, rtol, atol, method, options, event_fn, t_is_reversed = _check_inputs(
         func, y0, t, rtol, atol, method, options, event_fn, SOLVERS)
+    # params_inferred: func's parameters(), so anything else f uses would be missed (core.replay refuses it).
     host_args = dict(func=nfunc, method=method, rtol=rtol, atol=atol, options=options, memory_budget=budget,
-                     params=params, user_func=func)
+                     params=params, user_func=func, params_inferred=adjoint_params is None)
     if event_fn is None:
         solution = odeint_symplectic(_TorchdiffeqHost(**host_args), y0_flat, t_norm, params)
     else:

@@ -48,7 +48,8 @@ class _TorchdiffeqHost(HostSolver):
 
     def __init__(self, func: Callable, method: str | type, rtol, atol, options: dict,
                  memory_budget: MemoryBudget | None = None, params: Sequence[torch.Tensor] = (),
-                 rule: FixedGridRule | None = None, user_func: Callable | None = None):
+                 rule: FixedGridRule | None = None, user_func: Callable | None = None, params_inferred: bool = False):
+        self.params_inferred = params_inferred  # see HostSolver
         self.func = func  # torchdiffeq's normalised func (_PerturbFunc around reversal/tuple wrappers)
         self._perturb_base = perturb_base(func)  # what _PerturbFunc calls (the replay calls it directly)
         self.user_func = user_func  # the caller's func, whose module buffers the replay guards

@@ -13,7 +13,6 @@ from ..core import ButcherTableau, HostSolver, StageCall, Trajectory
 from ..core.budget import MemoryBudget
 from ..core.checkpointing import Restart
 from ..core.recording import StageKeeper
-from ..core.replay import RngState
 from ._internals import _problems, _tableau_of
 from .coefficients import _rounded_coefficients
 from .outputs import _adaptive_outputs, _augment, _fixed_outputs, _Slots, _user_solution, _with_accumulator
@@ -31,6 +30,8 @@ class _TorchdynHost(HostSolver):
     these coordinates (shape, time direction); :meth:`solve` solves the ``y0`` and ``t`` it is given, mapped back
     to torchdyn's ``x`` and ``t_span``.
     """
+
+    params_inferred = True  # the vector field's (and integral loss's) parameters(): torchdyn has no way to list others
 
     def __init__(self, problem: Any, x: torch.Tensor, t_span: torch.Tensor, save_at: Any, args: Any,
                  interpolator: Any, memory_budget: MemoryBudget, params: Sequence[torch.Tensor] = ()):
@@ -103,10 +104,10 @@ class _TorchdynHost(HostSolver):
         # An adaptive step restarts from its state and the k1 torchdyn passed it (first same as last).
         keeper = StageKeeper(self.memory_budget, x, _tableau_of(self.solver).num_stages, self.params,
                              restart_states=2 if self.adaptive else 1)
-        with _TorchdynStepRecorder(self.solver, keeper, start_rng=RngState.capture(x.device)) as recorder:
-            self.t_eval, sol = _problems.odeint(problem.vf, x, t_span, recorder.solver, problem.atol,
-                                                     problem.rtol, interpolator=problem.interpolator,
-                                                     save_at=self.save_at, args=self.args)
+        with _TorchdynStepRecorder(self.solver, keeper) as recorder:
+            self.t_eval, sol = _problems.odeint(recorder.watched_field(problem.vf), x, t_span, recorder.solver,
+                                                problem.atol, problem.rtol, interpolator=problem.interpolator,
+                                                save_at=self.save_at, args=self.args)
         recorder.finish()
         self.solver = recorder.solver  # this solve's copy, with the tableau torchdyn synchronised to x
         self.f = recorder.f

@@ -52,7 +52,11 @@ class _TorchdynStepRecorder:
     final_state: torch.Tensor | None = None
     _pending: _Step | None = None
     _real_step: Callable | None = None
-    start_rng: RngState | None = None  # generators at the solve's start: where an adaptive first k1 drew
+    start_rng: RngState | None = None  # what an adaptive solve's first k1 = f(t_0, x_0) drew (`watched_field`)
+    _calls_outside_steps: int = 0
+    _in_step: bool = False
+    _recording: list = field(default_factory=list)  # [self] while the solve is recorded
+    _checked: bool = False  # the field's first output was checked
 
     def __enter__(self) -> _TorchdynStepRecorder:
         # torchdyn's odeint writes the synchronised tableau onto the copy (sync_device_dtype): the replay reads it
@@ -60,11 +64,33 @@ class _TorchdynStepRecorder:
         self.solver = copy.copy(self.solver)
         self._real_step = self.solver.step
         self.solver.step = self
+        self._recording.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         del self.solver.step  # the copy's step is its class's again (e.g. for the coefficient probes)
         self._real_step = None
+        self._recording.clear()
+
+    def watched_field(self, vf: Callable) -> Callable:
+        """``vf`` as torchdyn's ``odeint`` is to call it during the recorded solve: its calls outside the steps
+        (an adaptive solve's ``k1 = f(t_0, x_0)`` and its initial step's probe) go through the keeper's random-number
+        watch like the stage evaluations (so that they draw per thread, and the first one's draws are replayed: it is
+        the first step's first stage). After the solve it is ``vf`` itself: the replay calls it through torchdyn's
+        ``f``."""
+        recording = self._recording  # emptied when the solve ends: the replay's f holds no recorder
+
+        def watched(t, x, *rest, **kwargs):
+            if not recording or recording[0]._in_step:
+                return vf(t, x, *rest, **kwargs)
+            recorder = recording[0]
+            out, rng = recorder.keeper.randomness.call(vf, t, x, *rest, **kwargs)
+            if recorder._calls_outside_steps == 0:
+                recorder.start_rng = rng
+            recorder._calls_outside_steps += 1
+            return out
+
+        return watched
 
     def __call__(self, f, x, t, dt, k1=None, args=None):
         if self.f is None:
@@ -86,9 +112,17 @@ class _TorchdynStepRecorder:
             if extra or kwargs:
                 raise _internals_error(f"{type(self.solver).__name__}.step called f with extra arguments")
             times.append(t_)
-            return self.keeper.evaluate(inner, t_, x_)
+            out = self.keeper.evaluate(inner, t_, x_)
+            if not self._checked:
+                _check_field_output(out, x_)
+                self._checked = True
+            return out
 
-        out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
+        self._in_step = True
+        try:
+            out = self._real_step(recording_f, x, t, dt, k1=k1, args=args)
+        finally:
+            self._in_step = False
         self._pending = _Step(t, dt, x, k1 is not None, times, out[1], k1)
         return out
 
@@ -164,6 +198,19 @@ def _stage_times(steps: Sequence[_Step], num_stages: int,
     dtypes = [ti.dtype for ti in flat_times]
     stage_dtypes = tuple(tuple(dtypes[n * num_stages:(n + 1) * num_stages]) for n in range(len(steps)))
     return stage_times, stage_dtypes, time_shape
+
+
+def _check_field_output(out: Any, x: torch.Tensor) -> None:
+    """Raises ``TypeError``/``ValueError`` unless the field returned dx/dt shaped and typed like ``x``: torchdyn's
+    solvers would promote a lower-precision output (a field under autocast returning bfloat16) into the state, and
+    the replay of its stages could not be checked against the forward pass's."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the vector field must return a Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"the vector field returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state x has shape "
+            f"{tuple(x.shape)} and dtype {x.dtype}. sensitivity='{SENSITIVITY}' needs dx/dt with the shape and dtype "
+            "of x; under autocast, cast the field's output back (return out.to(x.dtype)).")
 
 
 def _check_states(x: torch.Tensor, states: Sequence[torch.Tensor]) -> None:
