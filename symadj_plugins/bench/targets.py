@@ -74,7 +74,7 @@ def _ratio(a: Record | None, b: Record | None, attr: str) -> float | None:
 
 
 def _below_one_state_per_step(records: list[Record]) -> list[dict]:
-    """Issue 15's targets: ``"min"`` (O(log N) states), ``2√N`` states, and the default's bound."""
+    """The targets below one state per step: ``"min"`` (O(log N) states), ``2√N`` states, and the default's bound."""
     out = []
     steps = {r.case.get("n_steps"): by_method(ok([x for x in records if x.problem == "steps"
                                                  and x.case.get("n_steps") == r.case.get("n_steps")]))
