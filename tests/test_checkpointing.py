@@ -9,6 +9,7 @@ the schedule allows; the schedule recomputes no more steps than the optimal bino
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import warnings
@@ -212,3 +213,76 @@ def test_torchdyn_recomputes_states_bit_for_bit(registered, solver, integral):
         results[budget] = (sol.detach(), flat_grads(loss_of(sol), [x, *model.parameters()]))
     assert torch.equal(results["min"][0], results["trajectory"][0])
     assert all(torch.equal(g, h) for g, h in zip(results["min"][1], results["trajectory"][1]))
+
+# -- everything that works with one state per step works below it --------------------------------------------------
+
+
+class DecayField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+    def forward(self, t, y):
+        return -y + 0.1 * self.net(y)
+
+
+def _event_solve(budget):
+    torch.manual_seed(2)
+    func = DecayField().double()
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+
+    def event_fn(t, y):  # the first component falls to 0.2
+        return y[0] - 0.2
+
+    solve = functools.partial(odeint_symplectic_adjoint, memory_budget=budget)
+    event_t, solution = torchdiffeq.odeint_event(func, y0, t0, event_fn=event_fn, method="rk4",
+                                                 options=dict(step_size=0.01), odeint_interface=solve)
+    loss = event_t + solution[-1].pow(2).sum()
+    return flat_grads(loss, [y0, t0, *func.parameters()])
+
+
+def test_events_at_min_give_the_trajectorys_gradient():
+    assert all(torch.equal(g, h) for g, h in zip(_event_solve("min"), _event_solve("trajectory")))
+
+
+class BatchNormField(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 4))
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def test_buffers_and_hooks_at_min_end_as_with_one_state_per_step():
+    results = {}
+    for budget in ("trajectory", "min"):
+        torch.manual_seed(3)
+        field = BatchNormField().double()
+        calls = []
+        for p in field.parameters():
+            p.register_hook(lambda g, calls=calls: calls.append(1) or g)
+        y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+        out = odeint_symplectic_adjoint(field, y0, torch.linspace(0, 1, 3, dtype=torch.float64), method="rk4",
+                                        options=dict(step_size=1 / 32), memory_budget=budget)
+        loss_of(out).backward()
+        results[budget] = ([p.grad for p in field.parameters()], [b.clone() for b in field.buffers()], len(calls))
+    assert all(torch.equal(g, h) for g, h in zip(results["min"][0], results["trajectory"][0]))
+    assert all(torch.equal(b, c) for b, c in zip(results["min"][1], results["trajectory"][1]))
+    assert results["min"][2] == results["trajectory"][2] == len(results["min"][0])  # each hook once
+
+
+def test_autocast_is_replayed_through_recomputed_steps():
+    grads = {}
+    for budget in ("trajectory", "min"):
+        torch.manual_seed(4)
+        field = TimeDependentField(dim=4, width=16)
+        y0 = torch.randn(3, 4, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = odeint_symplectic_adjoint(lambda t, y, field=field: field(t, y).float(), y0, torch.linspace(0, 1, 3),
+                                            method="rk4", options=dict(step_size=1 / 32), memory_budget=budget,
+                                            adjoint_params=tuple(field.parameters()))
+        grads[budget] = flat_grads(out.pow(2).sum(), [y0, *field.parameters()])
+    assert all(torch.equal(g, h) for g, h in zip(grads["min"], grads["trajectory"]))

@@ -83,18 +83,21 @@ def _times() -> torch.Tensor:
     return torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
 
 
-def _torchdiffeq_block(method: str, registered_entry: bool) -> nn.Module:
+def _torchdiffeq_block(method: str, registered_entry: bool, memory_budget: str | None = None) -> nn.Module:
     import torchdiffeq
 
     from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
 
-    options = {"step_size": 0.25} if method == "rk4" else None
+    # "min" keeps O(log N) of its steps' states: enough steps that it recomputes some.
+    options = {"step_size": 0.25 if memory_budget is None else 1 / 32} if method == "rk4" else None
+    budget = {} if memory_budget is None else dict(memory_budget=memory_budget)
 
     def solve(field, x):
         if registered_entry:  # looked up at call time, so it is the function register() installed
             return torchdiffeq.odeint_adjoint(field, x, _times(), method=method, options=options, rtol=1e-6,
-                                              atol=1e-8, adjoint_method="symplectic")
-        return odeint_symplectic_adjoint(field, x, _times(), method=method, options=options, rtol=1e-6, atol=1e-8)
+                                              atol=1e-8, adjoint_method="symplectic", adjoint_options=budget or None)
+        return odeint_symplectic_adjoint(field, x, _times(), method=method, options=options, rtol=1e-6, atol=1e-8,
+                                         **budget)
 
     return ODEBlock(Field(), solve)
 
@@ -116,6 +119,9 @@ SCENARIOS: dict[str, tuple[Callable[[], nn.Module], bool]] = {
     "torchdiffeq-odeint_symplectic_adjoint-ODEBlock-rk4": (lambda: _torchdiffeq_block("rk4", False), False),
     "torchdiffeq-odeint_adjoint-registered-ODEBlock-rk4": (lambda: _torchdiffeq_block("rk4", True), False),
     "torchdiffeq-odeint_adjoint-registered-ODEBlock-dopri5": (lambda: _torchdiffeq_block("dopri5", True), True),
+    "torchdiffeq-odeint_symplectic_adjoint-ODEBlock-rk4-min": (lambda: _torchdiffeq_block("rk4", False, "min"), False),
+    "torchdiffeq-odeint_adjoint-registered-ODEBlock-dopri5-min": (lambda: _torchdiffeq_block("dopri5", True, "min"),
+                                                                  True),
     "torchdyn-NeuralODE-in-ODEBlock-rk4": (lambda: _torchdyn_block("rk4"), False),
     "torchdyn-NeuralODE-rk4": (lambda: _neural_ode("rk4"), False),
     "torchdyn-NeuralODE-dopri5": (lambda: _neural_ode("dopri5"), True),
