@@ -273,7 +273,7 @@ class _Sweep:
         plan = self.tableau.backward_plan(tuple(e is not None for e in extra_kappa))
         inputs = self.trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
         if inputs is None:
-            inputs = _recompute_stage_inputs(self.evaluate, n, calls, y0, ha, plan, carried, self.stage_inputs)
+            inputs = self._recompute_stage_inputs(n, calls, y0, ha, plan, carried)
         graphs = self.trajectory.graphs_of(n)
         # A step keeps all its graphs or none (core.recording): one that evaluates f again is checked.
         replayed = graphs is None or not any(g is not None and g.alive for g in graphs)
@@ -301,10 +301,9 @@ class _Sweep:
                 self.carry_cotangent = kappa
                 continue
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
-                self.mu[i] = _graph_vjp(graph, kappa, self.params, self.hooked, self.grad_params)
+                self.mu[i] = self._graph_vjp(graph, kappa)
             else:
-                self.mu[i], value = _vjp(self.evaluate, n, i, calls[i], inputs[i], kappa, self.params, self.hooked,
-                                         self.grad_params)
+                self.mu[i], value = self._stage_vjp(n, i, calls[i], inputs[i], kappa)
                 if replayed:
                     self.check.add_stage(n, i, value[self.checked], hb[i])
         if replayed:
@@ -332,11 +331,88 @@ class _Sweep:
         if not outputs:
             return extra_kappa, None
         cotangents = torch.stack([self.cotangents[j] for j in outputs])
-        g_y0, g_y1, g_k = _dense_output_vjp(self.host, self.trajectory, n, s, y0, y1, self.t[outputs], cotangents,
-                                            self.params, self.hooked, self.grad_params, self.evaluate)
+        g_y0, g_y1, g_k = self._dense_output_vjp(n, y0, y1, self.t[outputs], cotangents)
         self.lam += g_y1
         extra_kappa = [_add(e, g) for e, g in zip(extra_kappa, g_k)]
         return extra_kappa, g_y0
+
+
+    # -- the step's pieces: each takes only what the sweep does not already hold -----------------------------------
+    def _recompute_stage_inputs(self, n: int, calls: Sequence[StageCall | None], y0: torch.Tensor, ha: torch.Tensor,
+                                plan: StagePlan, carried: torch.Tensor | None) -> torch.Tensor:
+        """Replays step ``n`` without a graph: the stage inputs ``Y_i = y_n + Σ_{j<i} (hA)_ij k_j`` (written into
+        ``stage_inputs``, ``(s, numel)``, and returned), evaluating ``k_j`` only where a later differentiated stage
+        reads it. Each ``k_j`` is added into the later inputs as soon as it is known, so no stage value is held."""
+        stage_inputs, evaluate = self.stage_inputs, self.evaluate
+        stage_inputs.copy_(y0.expand_as(stage_inputs))
+        for i in range(len(calls) - 1):
+            if not plan.value[i]:
+                continue
+            if i == 0 and calls[0] is None:
+                k = carried.reshape(-1)
+            else:
+                k = evaluate(n, i, calls[i], stage_inputs[i].view(evaluate.shape)).reshape(-1)
+            stage_inputs[i + 1:].addr_(ha[i + 1:, i], k)
+        return stage_inputs
+
+    def _stage_vjp(self, n: int, i: int, call: StageCall, y: torch.Tensor,
+                   cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(μ, k)``: ``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat) and ``f``'s value
+        there (flat); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of ``f``, freed on return."""
+        shape = self.evaluate.shape
+        with torch.enable_grad():
+            y = y.detach().reshape(shape).requires_grad_(True)
+            out = self.evaluate(n, i, call, y)
+        value = out.detach().reshape(-1)
+        if not out.requires_grad:  # f ignores both y and θ
+            return torch.zeros_like(value), value
+        return self._vjp_of((out,), (cotangent.view(shape),), y), value
+
+    def _graph_vjp(self, graph: KeptGraph, cotangent: torch.Tensor) -> torch.Tensor:
+        """``μ = κᵀ ∂f/∂y`` (flat) on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
+        ``grad_params``. The graph is freed after its last use."""
+        graph.uses -= 1
+        mu = self._vjp_of((graph.output,), (cotangent.view(graph.shape),), graph.leaf, retain_graph=graph.uses > 0)
+        if graph.uses <= 0:
+            graph.drop()
+        return mu
+
+    def _vjp_of(self, outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tensor,
+                retain_graph: bool = False) -> torch.Tensor:
+        """The flat gradient w.r.t. ``y`` of ``outputs · cotangents``; its gradient w.r.t. the parameters is added into
+        ``grad_params`` (with the parameters' own hooks suspended: they run once, on the total)."""
+        if self.hooked:
+            with hooks_suspended(self.hooked):
+                grads = vjp(outputs, cotangents, (y, *self.params), retain_graph=retain_graph)
+        else:
+            grads = vjp(outputs, cotangents, (y, *self.params), retain_graph=retain_graph)
+        _accumulate(self.grad_params, grads[1:])
+        return torch.zeros(y.numel(), dtype=y.dtype, device=y.device) if grads[0] is None else grads[0].reshape(-1)
+
+    def _dense_output_vjp(self, n: int, y0: torch.Tensor, y1: torch.Tensor, t_out: torch.Tensor,
+                          cotangents: torch.Tensor):
+        """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` (flat) from the ``m`` outputs produced inside step ``n`` at the
+        times ``t_out`` (``(m,)``), whose cotangents are ``cotangents`` (``(m, *state shape)``): one fit of the
+        interpolant, one vector–Jacobian product. ``None`` for a stage the outputs do not depend on. The stages enter
+        as zeros: dense output is linear in them."""
+        host, evaluate = self.host, self.evaluate
+        with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
+            y0 = y0.detach().requires_grad_(True)
+            y1 = y1.detach().requires_grad_(True)
+            # Zero stages that take no memory (expanded views of one zero each): the VJP materialises only the stages
+            # the outputs read.
+            k = [y0.new_zeros(()).requires_grad_(True).expand(y0.shape) for _ in range(self.tableau.num_stages)]
+            out = host.dense_output(self.trajectory, n, y0, y1, k, t_out.detach())
+        if out.shape != cotangents.shape:
+            raise TypeError(f"{type(host).__name__}.dense_output returned shape {tuple(out.shape)} for {len(t_out)} "
+                            f"output time(s); it must return the values at all the times stacked, shape "
+                            f"{tuple(cotangents.shape)} (len(t_out), *y0.shape)")
+        with hooks_suspended(self.hooked):
+            grads = vjp((out,), (cotangents,), (y0, y1, *k, *self.params))
+        g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
+        g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
+        _accumulate(self.grad_params, grads[2 + len(k):])
+        return g_y0.reshape(-1), g_y1.reshape(-1), g_k
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor | None:
@@ -381,92 +457,6 @@ class _Evaluator:
             if rng is not None:
                 stack.enter_context(rng.restored())
             yield
-
-
-def _recompute_stage_inputs(evaluate: _Evaluator, n: int, calls: Sequence[StageCall | None], y0: torch.Tensor,
-                            ha: torch.Tensor, plan: StagePlan, carried: torch.Tensor | None,
-                            stage_inputs: torch.Tensor) -> torch.Tensor:
-    """Replays one step without a graph: the stage inputs ``Y_i = y_n + Σ_{j<i} (hA)_ij k_j`` (written into
-    ``stage_inputs``, ``(s, numel)``, and returned), evaluating ``k_j`` only where a later differentiated stage reads
-    it. Each ``k_j`` is added into the later inputs as soon as it is known, so no stage value is held."""
-    stage_inputs.copy_(y0.expand_as(stage_inputs))
-    for i in range(len(calls) - 1):
-        if not plan.value[i]:
-            continue
-        if i == 0 and calls[0] is None:
-            k = carried.reshape(-1)
-        else:
-            k = evaluate(n, i, calls[i], stage_inputs[i].view(evaluate.shape)).reshape(-1)
-        stage_inputs[i + 1:].addr_(ha[i + 1:, i], k)
-    return stage_inputs
-
-
-def _vjp(evaluate: _Evaluator, n: int, i: int, call: StageCall, y: torch.Tensor, cotangent: torch.Tensor,
-         params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...],
-         grad_params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(μ, k)``: ``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat) and ``f``'s value there
-    (flat); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of ``f``, freed on return."""
-    shape = evaluate.shape
-    with torch.enable_grad():
-        y = y.detach().reshape(shape).requires_grad_(True)
-        out = evaluate(n, i, call, y)
-    value = out.detach().reshape(-1)
-    if not out.requires_grad:  # f ignores both y and θ
-        return torch.zeros_like(value), value
-    return _vjp_of((out,), (cotangent.view(shape),), y, params, hooked, grad_params), value
-
-
-def _graph_vjp(graph: KeptGraph, cotangent: torch.Tensor, params: tuple[torch.Tensor, ...],
-               hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor]) -> torch.Tensor:
-    """``μ = κᵀ ∂f/∂y`` (flat) on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
-    ``grad_params``. The graph is freed after its last use."""
-    graph.uses -= 1
-    mu = _vjp_of((graph.output,), (cotangent.view(graph.shape),), graph.leaf, params, hooked, grad_params,
-                 retain_graph=graph.uses > 0)
-    if graph.uses <= 0:
-        graph.drop()
-    return mu
-
-
-def _vjp_of(outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tensor, params: tuple[torch.Tensor, ...],
-            hooked: tuple[torch.Tensor, ...], grad_params: list[torch.Tensor],
-            retain_graph: bool = False) -> torch.Tensor:
-    """The flat gradient w.r.t. ``y`` of ``outputs · cotangents``; its gradient w.r.t. ``params`` is added into
-    ``grad_params`` (with the parameters' own hooks suspended: they run once, on the total)."""
-    if hooked:
-        with hooks_suspended(hooked):
-            grads = vjp(outputs, cotangents, (y, *params), retain_graph=retain_graph)
-    else:
-        grads = vjp(outputs, cotangents, (y, *params), retain_graph=retain_graph)
-    _accumulate(grad_params, grads[1:])
-    return torch.zeros(y.numel(), dtype=y.dtype, device=y.device) if grads[0] is None else grads[0].reshape(-1)
-
-
-def _dense_output_vjp(host: HostSolver, trajectory: Trajectory, n: int, num_stages: int, y0: torch.Tensor,
-                      y1: torch.Tensor, t_out: torch.Tensor, cotangents: torch.Tensor,
-                      params: tuple[torch.Tensor, ...], hooked: tuple[torch.Tensor, ...],
-                      grad_params: list[torch.Tensor], evaluate: _Evaluator):
-    """Cotangents of ``(y_n, y_{n+1}, k_1..k_s)`` (flat) from the ``m`` outputs produced inside step ``n`` at the
-    times ``t_out`` (``(m,)``), whose cotangents are ``cotangents`` (``(m, *state shape)``): one fit of the
-    interpolant, one vector–Jacobian product. ``None`` for a stage the outputs do not depend on. The stages enter
-    as zeros: dense output is linear in them."""
-    with torch.enable_grad(), (evaluate.autocast() if evaluate.autocast is not None else contextlib.nullcontext()):
-        y0 = y0.detach().requires_grad_(True)
-        y1 = y1.detach().requires_grad_(True)
-        # Zero stages that take no memory (expanded views of one zero each): the VJP materialises only the stages
-        # the outputs read.
-        k = [y0.new_zeros(()).requires_grad_(True).expand(y0.shape) for _ in range(num_stages)]
-        out = host.dense_output(trajectory, n, y0, y1, k, t_out.detach())
-    if out.shape != cotangents.shape:
-        raise TypeError(f"{type(host).__name__}.dense_output returned shape {tuple(out.shape)} for {len(t_out)} "
-                        f"output time(s); it must return the values at all the times stacked, shape "
-                        f"{tuple(cotangents.shape)} (len(t_out), *y0.shape)")
-    with hooks_suspended(hooked):
-        grads = vjp((out,), (cotangents,), (y0, y1, *k, *params))
-    g_y0, g_y1 = (torch.zeros_like(y0) if g is None else g for g in grads[:2])
-    g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
-    _accumulate(grad_params, grads[2 + len(k):])
-    return g_y0.reshape(-1), g_y1.reshape(-1), g_k
 
 
 def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
