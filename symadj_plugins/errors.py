@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 from collections.abc import Callable
+from typing import Any
+
+import torch
 
 __all__ = ["check_internals", "internals_error", "parameter_names"]
 
@@ -39,3 +42,16 @@ def check_internals(library: str, tested: str, problems: list[str], advice: str)
 def parameter_names(fn: Callable) -> list[str]:
     """The names of ``fn``'s parameters, in order (what the adapters' checks compare with the expected ones)."""
     return list(inspect.signature(fn).parameters)
+
+
+
+def check_field_output(out: Any, state: torch.Tensor, *, called: str, returns: str = "", state_name: str = "",
+                       fix: str = "") -> None:
+    """Raises ``TypeError``/``ValueError`` unless the vector field's output ``out`` is a tensor shaped and typed like
+    ``state`` (an adapter's first evaluation). ``called`` names the call, ``returns`` adds to what it must return,
+    ``state_name`` names the state, ``fix`` ends the message with what to do."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{called} must return a Tensor{returns}, got {type(out).__name__}")
+    if out.shape != state.shape or out.dtype != state.dtype:
+        raise ValueError(f"{called} returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state{state_name} "
+                         f"has shape {tuple(state.shape)} and dtype {state.dtype}{fix}")

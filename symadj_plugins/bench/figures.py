@@ -42,31 +42,11 @@ def plots(records: Iterable[Record | Mapping[str, Any]], out: Path) -> list[Path
     written = []
     steps = ok([r for r in records if r.problem == "steps"])
     if steps:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        _memory_and_time_lines(axes, steps, lambda r: r.case["n_steps"])
-        ns = sorted({r.case["n_steps"] for r in steps})
-        state = steps[0].state_bytes
-        axes[0].plot(ns, [n * state / 2 ** 20 for n in ns], ":", color="gray", label="N × |y| (one state/step)")
-        axes[0].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="peak memory (MiB)",
-                    title="Peak memory, forward + backward")
-        axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
-                    title="Time, forward + backward (median)")
-        _shared_legend(fig, axes[0])
-        written.append(_save(fig, out / "steps_memory_time.png"))
-
+        written.append(_against_steps(plt, steps, "Peak memory, forward + backward", out / "steps_memory_time.png"))
     long = ok([r for r in records if r.problem == "long" and r.case.get("n_steps")])
     if long:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        _memory_and_time_lines(axes, long, lambda r: r.case["n_steps"])
-        ns = sorted({r.case["n_steps"] for r in long})
-        state = long[0].state_bytes
-        axes[0].plot(ns, [n * state / 2 ** 20 for n in ns], ":", color="gray", label="N × |y| (one state/step)")
-        axes[0].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="peak memory (MiB)",
-                    title="Large state, small field: peak memory")
-        axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
-                    title="Time, forward + backward (median)")
-        _shared_legend(fig, axes[0])
-        written.append(_save(fig, out / "long_memory_time.png"))
+        written.append(_against_steps(plt, long, "Large state, small field: peak memory",
+                                      out / "long_memory_time.png"))
 
     stages = ok([r for r in records if r.problem == "stages"])
     if stages:
@@ -206,6 +186,22 @@ def _budget_plot(records: list[Record], out: Path) -> Path:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
     return _save(fig, out / "budget_time_memory.png")
+
+
+def _against_steps(plt, records: list[Record], memory_title: str, path: Path) -> Path:
+    """Peak memory and time against the number of rk4 steps N (log-log), one line per method, with the line of one
+    state per step."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    _memory_and_time_lines(axes, records, lambda r: r.case["n_steps"])
+    ns = sorted({r.case["n_steps"] for r in records})
+    state = records[0].state_bytes
+    axes[0].plot(ns, [n * state / 2 ** 20 for n in ns], ":", color="gray", label="N × |y| (one state/step)")
+    axes[0].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="peak memory (MiB)",
+                title=memory_title)
+    axes[1].set(xscale="log", yscale="log", xlabel="number of steps N (rk4)", ylabel="fwd+bwd time (s)",
+                title="Time, forward + backward (median)")
+    _shared_legend(fig, axes[0])
+    return _save(fig, path)
 
 
 def _memory_and_time_lines(axes, records: list[Record], x_of) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from ..core.recording import FirstStage, StageKeeper
 from ..core.replay import RngState
+from ..errors import check_field_output
 from ._internals import Perturb
 
 __all__ = ["_TorchdiffeqStepRecorder", "_TorchdiffeqSteps", "_check_func_output", "_START_CARRIED", "_START_FSAL",
@@ -134,13 +135,8 @@ class _TorchdiffeqStepRecorder:
 
 
 def _check_func_output(out: Any, y: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"func(t, y) must return a Tensor (or a tuple matching a tuple y0), got {type(out).__name__}")
-    if out.shape != y.shape or out.dtype != y.dtype:
-        raise ValueError(
-            f"func(t, y) returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state has shape "
-            f"{tuple(y.shape)} and dtype {y.dtype} (flattened if y0 is a tuple); func must return dy/dt with "
-            "the same shape and dtype as y.")
+    check_field_output(out, y, called="func(t, y)", returns=" (or a tuple matching a tuple y0)",
+                       fix=" (flattened if y0 is a tuple); func must return dy/dt with the same shape and dtype as y.")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from ..core.recording import FirstStage, StageKeeper
 from ..core.replay import RngState
+from ..errors import check_field_output
 from ._internals import SENSITIVITY, _internals_error
 from .coefficients import _rounds_coefficients
 
@@ -201,16 +202,11 @@ def _stage_times(steps: Sequence[_Step], num_stages: int,
 
 
 def _check_field_output(out: Any, x: torch.Tensor) -> None:
-    """Raises ``TypeError``/``ValueError`` unless the field returned dx/dt shaped and typed like ``x``: torchdyn's
-    solvers would promote a lower-precision output (a field under autocast returning bfloat16) into the state, and
-    the replay of its stages could not be checked against the forward pass's."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the vector field must return a Tensor, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(
-            f"the vector field returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state x has shape "
-            f"{tuple(x.shape)} and dtype {x.dtype}. sensitivity='{SENSITIVITY}' needs dx/dt with the shape and dtype "
-            "of x; under autocast, cast the field's output back (return out.to(x.dtype)).")
+    """The field returned dx/dt shaped and typed like ``x``: torchdyn's solvers would promote a lower-precision output
+    (a field under autocast returning bfloat16) into the state, and the replay of its stages could not be checked."""
+    check_field_output(out, x, called="the vector field", state_name=" x",
+                       fix=f". sensitivity='{SENSITIVITY}' needs dx/dt with the shape and dtype of x; under autocast, "
+                           "cast the field's output back (return out.to(x.dtype)).")
 
 
 def _check_states(x: torch.Tensor, states: Sequence[torch.Tensor]) -> None:
