@@ -416,3 +416,21 @@ def test_what_max_kept_is_released_when_backward_has_used_it():
         del out, loss
     # Backprop keeps its solution and the parameters' gradients; ours keeps no stage input or graph beyond that.
     assert after["ours"] <= after["backprop"] + 4 * state
+
+
+@pytest.mark.parametrize("budget", ["max", 40_000])
+def test_a_compiled_torchdyn_field_with_dopri5_keeps_graphs(registered, budget):
+    from torchdyn.core import NeuralODE
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    compiled = torch.compile(net, backend="aot_eager")
+    grads = {}
+    for name, field in (("compiled", compiled), ("plain", net)):
+        model = NeuralODE(field, sensitivity="symplectic_adjoint", solver="dopri5", atol=1e-6, rtol=1e-6,
+                          return_t_eval=False).double()
+        x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with symadj_plugins.options(memory_budget=budget):
+            sol = model(x, torch.linspace(0, 1, 3, dtype=torch.float64))
+        grads[name] = torch.autograd.grad(sol.pow(2).sum(), (x, *net.parameters()))
+    assert rel_error(grads["compiled"], grads["plain"]) < 1e-10
