@@ -505,7 +505,7 @@ def _replayed_step(perturbation: float) -> ReplayCheck:
         y1 = y0 + hb[0] * k[0] + hb[1] * k[1]  # not the same order of operations as the check's: rounding differs
         if n == 1:
             y1 = y1 + perturbation
-        check.begin_step(n, y0)
+        check.begin_step(n, y0, hb)
         for i in reversed(range(2)):  # the sweep's order
             check.add_stage(n, i, k[i], hb[i])
         check.end_step(n, y1)

@@ -278,7 +278,7 @@ class _Sweep:
         # A step keeps all its graphs or none (core.recording): one that evaluates f again is checked.
         replayed = graphs is None or not any(g is not None and g.alive for g in graphs)
         if replayed:
-            self.check.begin_step(n, y0[self.checked])
+            self.check.begin_step(n, y0[self.checked], hb)
 
         # The reverse stage sweep.
         self.carry_cotangent = None

@@ -47,9 +47,6 @@ class Restart:
     carried: torch.Tensor | None = None
     extra: torch.Tensor | None = None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.state, self.carried, self.extra) if t is not None)
 
 
 def log_cap(n: int) -> int:

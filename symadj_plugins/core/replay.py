@@ -524,13 +524,14 @@ class ReplayCheck:
         self.weights = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
         self._sum = torch.empty_like(like)  # y_n + Σ h b_i k_i of the step under way
 
-    def begin_step(self, n: int, y0: torch.Tensor) -> None:
-        """A replayed step starts from ``y0`` (flat)."""
+    def begin_step(self, n: int, y0: torch.Tensor, hb: torch.Tensor) -> None:
+        """A replayed step starts from ``y0`` (flat); ``hb``: its weights ``h b_i`` (``(s,)``)."""
         if y0.numel() == 0:
             return
         self._sum.copy_(y0)
         torch.linalg.vector_norm(y0, math.inf, out=self.magnitudes[n, 0])
         self.weights[n, 0] = 1.0
+        torch.abs(hb, out=self.weights[n, 1:])  # a stage not replayed keeps magnitude 0: it adds nothing
 
     def add_stage(self, n: int, i: int, k: torch.Tensor, hb_i: torch.Tensor) -> None:
         """Stage ``i``'s replayed value ``k`` (flat) and its weight ``h b_i``."""
@@ -538,7 +539,6 @@ class ReplayCheck:
             return
         self._sum.addcmul_(k, hb_i)
         torch.linalg.vector_norm(k, math.inf, out=self.magnitudes[n, i + 1])
-        self.weights[n, i + 1] = hb_i.abs()
 
     def end_step(self, n: int, y1: torch.Tensor) -> None:
         """The stored end state ``y1`` (flat) of the step."""
