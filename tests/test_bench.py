@@ -52,6 +52,29 @@ def test_cpu_peak_memory_counts_live_bytes_not_total_allocated():
     assert 2 * MB8 <= memory.report.peak_bytes <= 2 * MB8 + MARGIN, memory.report
 
 
+def test_the_dispatch_meter_counts_live_bytes_of_a_known_allocation_and_a_backward_pass():
+    existing = torch.ones(MB8 // 4)  # allocated before: not part of the figure
+    with PeakMemory("cpu", meter="dispatch") as memory:
+        for _ in range(3):
+            x = torch.empty(MB8 // 4)
+            del x
+        y = torch.empty(MB8 // 4)
+        memory.direct_mark("backward")
+        z = torch.empty(MB8 // 4)
+        del existing, y, z
+    assert 2 * MB8 <= memory.report.peak_bytes <= 2 * MB8 + MARGIN, memory.report
+    assert MB8 <= memory.report.marks["backward"] <= MB8 + MARGIN
+    # The backward pass's ops are seen too: the gradient of this loss is one buffer the size of w.
+    w = torch.ones(MB8 // 4, requires_grad=True)
+    loss = (w * 2.0).sum()
+    with PeakMemory("cpu", meter="dispatch") as memory:
+        (grad,) = torch.autograd.grad(loss, w)
+    assert MB8 <= memory.report.peak_bytes <= MB8 + MARGIN, memory.report
+    assert "TorchDispatchMode" in memory.report.method
+    with pytest.raises(ValueError, match="dispatch"):
+        PeakMemory("cpu", meter="tracemalloc")
+
+
 def _tiny(problem: str, **overrides) -> dict:
     case = dict(cases(problem, quick=True)[0], dtype="float64", **overrides)
     return case

@@ -22,7 +22,7 @@ from checkpoint_schedules import optimal_steps_binomial
 from helpers import TimeDependentField, flat_grads, loss_of, reference_options, rel_error
 
 from symadj_plugins.bench.saved import SavedTensorBytes
-from symadj_plugins.core.checkpointing import OnlineThinning, Restart, log_cap, reversed_states
+from symadj_plugins.core.checkpointing import OnlineThinning, Restart, log_cap, min_kept, reversed_states
 from symadj_plugins.torchdiffeq import odeint_symplectic_adjoint
 
 # -- the schedule ------------------------------------------------------------------------------------------------
@@ -74,10 +74,10 @@ def test_online_thinning_keeps_evenly_spaced_states_within_the_cap():
 
 
 def test_min_keeps_logarithmically_many_states():
-    thinning = OnlineThinning(log_cap)
+    thinning = OnlineThinning(min_kept)
     for n in range(10_001):
         thinning.admit(n)
-    assert len(thinning.kept) <= math.ceil(math.log2(10_002))
+    assert len(thinning.kept) <= math.ceil(math.log2(10_002) / 2)
 
 
 # -- solves ------------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _held(budget, steps):
 def test_held_memory_at_min_grows_logarithmically_with_the_number_of_steps():
     for steps in (64, 1024):
         held, state, scalars = _held("min", steps)
-        assert held - scalars <= (log_cap(steps) + 1) * state
+        assert held - scalars <= (min_kept(steps) + 1) * state  # the kept states and y_N
     held_trajectory, state, scalars = _held("trajectory", 1024)
     assert held_trajectory >= 1025 * state
 
@@ -286,3 +286,40 @@ def test_autocast_is_replayed_through_recomputed_steps():
                                             adjoint_params=tuple(field.parameters()))
         grads[budget] = flat_grads(out.pow(2).sum(), [y0, *field.parameters()])
     assert all(torch.equal(g, h) for g, h in zip(grads["min"], grads["trajectory"]))
+
+
+@pytest.mark.parametrize("steps", [40, 300])
+def test_min_holds_logarithmically_many_restart_points_in_the_backward_pass(monkeypatch, steps):
+    """The kept states stay alive through the whole backward pass (autograd holds what was saved), so they count
+    against the reversal's snapshots: kept states and snapshots together stay within ``log_cap(N) + 1``, and two more
+    states are alive: the one the schedule is advancing (or hands out without keeping) and ``y_{n+1}``, which the
+    sweep still holds while it reverses step ``n``."""
+    from symadj_plugins.core import adjoint
+    from symadj_plugins.torchdiffeq.host import _TorchdiffeqHost
+
+    recomputed: list[weakref.ref] = []
+    kept: list[torch.Tensor] = []
+    peak = 0
+    advance, reverse_step = _TorchdiffeqHost.advance, adjoint._Sweep.reverse_step
+
+    def counting_advance(self, trajectory, n, restart, replaying):
+        out = advance(self, trajectory, n, restart, replaying)
+        recomputed.append(weakref.ref(out.state))
+        return out
+
+    def counting_reverse_step(self, n, restart, next_state):
+        nonlocal peak
+        if not kept:
+            kept.extend(s for s in self.trajectory.states if s is not None)
+        peak = max(peak, len(kept) + sum(ref() is not None for ref in recomputed))
+        return reverse_step(self, n, restart, next_state)
+
+    monkeypatch.setattr(_TorchdiffeqHost, "advance", counting_advance)
+    monkeypatch.setattr(adjoint._Sweep, "reverse_step", counting_reverse_step)
+    func = TimeDependentField(dim=4, width=16).double()
+    y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = odeint_symplectic_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                                    options=dict(step_size=1 / steps), memory_budget="min")
+    out.sum().backward()
+    assert recomputed and len(kept) <= min_kept(steps) + 1
+    assert peak <= log_cap(steps) + 3, (peak, log_cap(steps))

@@ -2,10 +2,13 @@
 
 - between forward and backward the symplectic adjoint holds the trajectory, one state per accepted step,
   and nothing that grows with the network;
-- during backward, at most one graph of ``func`` is alive at a time.
+- during backward, at most one graph of ``func`` is alive at a time;
+- what the solve kept is freed when backward is done, without the garbage collector (no reference cycles).
 """
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -90,3 +93,32 @@ def test_at_most_one_graph_of_func_alive_during_backward(method, options):
     # One graph of func, plus (cubic dense output) a few interpolation weights: far below two graphs.
     slack = y0.numel() * y0.element_size()
     assert meter.peak <= one_graph.total + slack, (meter.peak, one_graph.total)
+
+
+def _tensors_alive() -> set[int]:
+    return {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+
+
+@pytest.mark.parametrize("budget", ["min", "trajectory", "stages", "max", "auto", 2000])
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.05}), ("dopri5", {})])
+def test_the_solve_leaves_nothing_for_the_garbage_collector(budget, method, options):
+    """Reference counting frees everything after backward: a reference cycle would keep every kept state (and
+    stage input) alive until the collector happens to run."""
+    func = TimeDependentField(dim=4, width=16).double()
+    y0 = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+
+    def solve_and_backward():
+        out = odeint_symplectic_adjoint(func, y0, t, method=method, options=dict(options), memory_budget=budget)
+        out.sum().backward()
+
+    solve_and_backward()  # warm-up: caches (tableau tensors) are filled once
+    gc.collect()
+    gc.disable()
+    try:
+        before = _tensors_alive()
+        solve_and_backward()
+        left = _tensors_alive() - before
+    finally:
+        gc.enable()
+    assert not left, f"{len(left)} tensors left for the garbage collector"

@@ -618,3 +618,29 @@ def test_the_torchdyn_host_solves_the_state_and_times_it_is_given(solver, revers
         got, _ = host.solve(other, host.t_core[:2].clone())  # a different state, and only the first interval
         _, want = NeuralODE(field, sensitivity="autograd", solver=solver)(other, t_span[:2])
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("budget", ["min", "trajectory", "max"])
+def test_the_solve_leaves_nothing_for_the_garbage_collector(registered, budget):
+    """As for torchdiffeq (tests/test_torchdiffeq_memory.py): reference counting frees what the solve kept."""
+    import gc
+
+    field = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = NeuralODE(field, sensitivity="symplectic_adjoint", solver="dopri5")
+    x = torch.randn(8, 4)
+
+    def solve_and_backward():
+        with symadj_plugins.options(memory_budget=budget):
+            _, y = model(x, torch.linspace(0, 1, 4))
+        y.sum().backward()
+
+    solve_and_backward()  # warm-up: caches are filled once
+    gc.collect()
+    gc.disable()
+    try:
+        before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+        solve_and_backward()
+        left = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)} - before
+    finally:
+        gc.enable()
+    assert not left, f"{len(left)} tensors left for the garbage collector"

@@ -124,7 +124,7 @@ def measure_untimed(setup: Setup, method: str, device: torch.device, reference: 
         counter.phase = "backward"
         if memory is not None:
             with mark("backward"):
-                memory.cuda_mark("backward")
+                memory.direct_mark("backward")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         _sync(device)
         end = time.perf_counter()
@@ -151,7 +151,7 @@ def measure_untimed(setup: Setup, method: str, device: torch.device, reference: 
         record["steps_bwd"] = None
 
     gc.collect()
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, meter=setup.case.get("meter", "profiler")) as memory:
         once(memory)
     record.update(peak_bytes=memory.report.peak_bytes, held_bytes=memory.report.marks.get("backward"),
                   memory_method=memory.report.method)

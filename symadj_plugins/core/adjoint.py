@@ -233,11 +233,13 @@ def _reversed_states(host: HostSolver, trajectory: Trajectory, evaluate: _Evalua
 class _Sweep:
     """The reverse sweep's working state: the buffers every step reuses.
 
-    ``adjoints`` is ``(s + 1, numel)``: rows ``0..s-1`` hold ``μ_i = ∂L/∂Y_i`` of the step under way, row ``s`` holds
-    ``λ``. With ``weights_n = [h·A; h·b]`` (``(s + 1, s)``), stage ``i``'s cotangent
-    ``κ_i = h (b_i λ + Σ_{j>i} a_ji μ_j)`` is then one matrix–vector product, ``adjoints.T @ weights_n[:, i]`` (the
-    rows ``j ≤ i`` of ``μ`` are still zero, and ``a_ji = 0`` there anyway), and ``λ_n = λ_{n+1} + Σ_i μ_i`` is the
-    sum of the rows.
+    ``rows`` is ``(s, numel)``: row ``i - 1`` belongs to stage ``i ≥ 1``, the last row holds ``λ``. A stage's row holds
+    its input ``Y_i`` (when the step is replayed) until the stage is differentiated, then ``μ_i = ∂L/∂Y_i`` (zero for a
+    stage not differentiated here): the stages are visited last to first, so when stage ``i`` is reached the rows after
+    it are all ``μ`` and the rows up to it all ``Y``, and one buffer does for both. Stage 0 needs no row: its input is
+    ``y_n`` itself and its ``μ_0``, read by no other stage, goes straight into ``λ``. With ``weights_n = [h·A; h·b]``
+    (``(s + 1, s)``), stage ``i``'s cotangent ``κ_i = h (b_i λ + Σ_{j>i} a_ji μ_j)`` is one matrix–vector product over
+    the rows after its own, ``rows[i:].T @ weights_n[i+1:, i]``, and ``λ_n = λ_{n+1} + Σ_i μ_i``.
     """
 
     def __init__(self, host: HostSolver, trajectory: Trajectory, t: torch.Tensor,
@@ -249,11 +251,9 @@ class _Sweep:
         numel, dtype, device = y_init.numel(), y_init.dtype, y_init.device
         self.params = tuple(params)
         self.evaluate = _Evaluator(host, trajectory, replay, y_init.shape)
-        self.adjoints = torch.zeros(s + 1, numel, dtype=dtype, device=device)
-        self.adjoints_t = self.adjoints.T
-        self.mu, self.lam = self.adjoints[:s], self.adjoints[s]
+        self.rows = torch.zeros(s, numel, dtype=dtype, device=device)
+        self.lam = self.rows[s - 1]
         self.grad_params = [torch.zeros_like(p) for p in self.params]
-        self.stage_inputs = torch.empty(s, numel, dtype=dtype, device=device)   # Y_i, replayed
         self.carry_cotangent: torch.Tensor | None = None  # of the next step's first stage, carried from this one
         self.checked = host.checked_entries
         self.check = ReplayCheck(s, trajectory.num_steps, y_init.reshape(-1)[self.checked])
@@ -280,12 +280,15 @@ class _Sweep:
         if replayed:
             self.check.begin_step(n, y0[self.checked], hb)
 
-        # The reverse stage sweep.
+        # The reverse stage sweep: each stage's row ends holding its μ, or zero; μ_0 goes into λ.
+        rows, lam = self.rows, self.lam
         self.carry_cotangent = None
         for i in reversed(range(s)):
+            mu = rows[i - 1] if i > 0 else None
             if not plan.vjp[i]:
+                _write(mu, None)
                 continue
-            kappa = torch.mv(self.adjoints_t, weights[:, i])
+            kappa = torch.mv(rows[i:].T, weights[i + 1:, i])
             if extra_kappa[i] is not None:
                 kappa += extra_kappa[i]
             if i == 0 and calls[0] is None:  # carried in from the previous step: its cotangent goes there
@@ -301,18 +304,21 @@ class _Sweep:
                 self.carry_cotangent = kappa
                 continue
             if graph is not None and graph.alive:  # the forward pass's own graph of this stage
-                self.mu[i] = self._graph_vjp(graph, kappa)
+                grad = self._graph_vjp(graph, kappa)
             else:
-                self.mu[i], value = self._stage_vjp(n, i, calls[i], inputs[i], kappa)
-                if replayed:
+                grad, value = self._stage_vjp(n, i, calls[i], inputs[i], kappa)
+                if replayed:  # before the row (Y_i, which the value may be a view of) becomes μ_i
                     self.check.add_stage(n, i, value[self.checked], hb[i])
+            if mu is not None:
+                _write(mu, grad)
+            elif grad is not None:
+                lam.view(grad.shape).add_(grad)
         if replayed:
             self.check.end_step(n, next_state.reshape(-1)[self.checked])
-        lam = self.adjoints.sum(0)
+        for mu in rows[:-1]:  # λ_n = λ_{n+1} + Σ μ_i, in place: no state-sized temporary
+            lam += mu
         if grad_y0_from_outputs is not None:
             lam += grad_y0_from_outputs
-        self.mu.zero_()
-        self.lam.copy_(lam)
 
     def _shares_previous_last_stage(self, n: int, graph: KeptGraph) -> bool:
         previous = self.trajectory.graphs_of(n - 1) if n > 0 else None
@@ -339,38 +345,40 @@ class _Sweep:
 
     # -- the step's pieces: each takes only what the sweep does not already hold -----------------------------------
     def _recompute_stage_inputs(self, n: int, calls: Sequence[StageCall | None], y0: torch.Tensor, ha: torch.Tensor,
-                                plan: StagePlan, carried: torch.Tensor | None) -> torch.Tensor:
-        """Replays step ``n`` without a graph: the stage inputs ``Y_i = y_n + Σ_{j<i} (hA)_ij k_j`` (written into
-        ``stage_inputs``, ``(s, numel)``, and returned), evaluating ``k_j`` only where a later differentiated stage
+                                plan: StagePlan, carried: torch.Tensor | None) -> list[torch.Tensor]:
+        """Replays step ``n`` without a graph: the stage inputs ``Y_i = y_n + Σ_{j<i} (hA)_ij k_j`` (flat; ``Y_0`` is
+        ``y0``, the others are written into their rows), evaluating ``k_j`` only where a later differentiated stage
         reads it. Each ``k_j`` is added into the later inputs as soon as it is known, so no stage value is held."""
-        stage_inputs, evaluate = self.stage_inputs, self.evaluate
-        stage_inputs.copy_(y0.expand_as(stage_inputs))
+        later, evaluate = self.rows[:-1], self.evaluate  # Y_1 .. Y_{s-1}
+        later.copy_(y0.expand_as(later))
+        inputs = [y0, *later.unbind(0)]
         for i in range(len(calls) - 1):
             if not plan.value[i]:
                 continue
             if i == 0 and calls[0] is None:
                 k = carried.reshape(-1)
             else:
-                k = evaluate(n, i, calls[i], stage_inputs[i].view(evaluate.shape)).reshape(-1)
-            stage_inputs[i + 1:].addr_(ha[i + 1:, i], k)
-        return stage_inputs
+                k = evaluate(n, i, calls[i], inputs[i].view(evaluate.shape)).reshape(-1)
+            later[i:].addr_(ha[i + 1:, i], k)
+        return inputs
 
     def _stage_vjp(self, n: int, i: int, call: StageCall, y: torch.Tensor,
-                   cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(μ, k)``: ``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat) and ``f``'s value
-        there (flat); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of ``f``, freed on return."""
+                   cotangent: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(μ, k)``: ``μ = κᵀ ∂f/∂y`` at stage ``i`` of step ``n`` (``y``, ``cotangent``: flat; ``μ`` shaped like the
+        state, ``None`` for zero) and ``f``'s value there (flat); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. One graph of
+        ``f``, freed on return."""
         shape = self.evaluate.shape
         with torch.enable_grad():
             y = y.detach().reshape(shape).requires_grad_(True)
             out = self.evaluate(n, i, call, y)
         value = out.detach().reshape(-1)
         if not out.requires_grad:  # f ignores both y and θ
-            return torch.zeros_like(value), value
+            return None, value
         return self._vjp_of((out,), (cotangent.view(shape),), y), value
 
-    def _graph_vjp(self, graph: KeptGraph, cotangent: torch.Tensor) -> torch.Tensor:
-        """``μ = κᵀ ∂f/∂y`` (flat) on the graph the forward pass kept (no evaluation of ``f``); adds ``κᵀ ∂f/∂θ`` into
-        ``grad_params``. The graph is freed after its last use."""
+    def _graph_vjp(self, graph: KeptGraph, cotangent: torch.Tensor) -> torch.Tensor | None:
+        """``μ = κᵀ ∂f/∂y`` (shaped like the state, ``None`` for zero) on the graph the forward pass kept (no evaluation
+        of ``f``); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. The graph is freed after its last use."""
         graph.uses -= 1
         mu = self._vjp_of((graph.output,), (cotangent.view(graph.shape),), graph.leaf, retain_graph=graph.uses > 0)
         if graph.uses <= 0:
@@ -378,8 +386,9 @@ class _Sweep:
         return mu
 
     def _vjp_of(self, outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tensor,
-                retain_graph: bool = False) -> torch.Tensor:
-        """The flat gradient w.r.t. ``y`` of ``outputs · cotangents``; its gradient w.r.t. the parameters is added into
+                retain_graph: bool = False) -> torch.Tensor | None:
+        """The gradient w.r.t. ``y`` of ``outputs · cotangents`` (shaped like ``y``; ``None`` for zero), written nowhere
+        yet: copied into its row, it needs no flat copy of its own; its gradient w.r.t. the parameters is added into
         ``grad_params`` (with the parameters' own hooks suspended: they run once, on the total)."""
         if self.hooked:
             with hooks_suspended(self.hooked):
@@ -387,7 +396,7 @@ class _Sweep:
         else:
             grads = vjp(outputs, cotangents, (y, *self.params), retain_graph=retain_graph)
         _accumulate(self.grad_params, grads[1:])
-        return torch.zeros(y.numel(), dtype=y.dtype, device=y.device) if grads[0] is None else grads[0].reshape(-1)
+        return grads[0]
 
     def _dense_output_vjp(self, n: int, y0: torch.Tensor, y1: torch.Tensor, t_out: torch.Tensor,
                           cotangents: torch.Tensor):
@@ -413,6 +422,16 @@ class _Sweep:
         g_k = [None if g is None else g.reshape(-1) for g in grads[2:2 + len(k)]]
         _accumulate(self.grad_params, grads[2 + len(k):])
         return g_y0.reshape(-1), g_y1.reshape(-1), g_k
+
+
+def _write(row: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+    """``row`` (flat) ``= grad`` (any shape of as many elements; ``None``: zero); nothing when ``row`` is ``None``."""
+    if row is None:
+        return
+    if grad is None:
+        row.zero_()
+    else:
+        row.view(grad.shape).copy_(grad)
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor | None) -> torch.Tensor | None:
@@ -472,17 +491,20 @@ def _accumulate(totals: list[torch.Tensor], grads: Sequence[torch.Tensor | None]
 
 def _step_coefficients(host: HostSolver, trajectory: Trajectory, dtype: torch.dtype, device: torch.device):
     """``n -> (h·A, h·b, [h·A; h·b])`` for every step (shapes ``(s, s)``, ``(s,)``, ``(s + 1, s)``): the host's own,
-    or (by default) all steps' at once, indexed per step."""
+    or (by default) ``dt[n]·[A; b]``."""
     if type(host).step_coefficients is not HostSolver.step_coefficients:
         def per_step(n):
             ha, hb = host.step_coefficients(trajectory, n)
             return ha, hb, torch.cat((ha, hb[None]))
         return per_step
     a, b = host.tableau.tensors(dtype, device)
+    ab = torch.cat((a, b[None]))
     h = trajectory.dt.to(dtype)
-    weights = h[:, None, None] * torch.cat((a, b[None]))
-    ha, hb = weights[:, :-1], weights[:, -1]
-    return lambda n: (ha[n], hb[n], weights[n])
+
+    def per_step(n):  # formed per step: all steps' at once would be (N, s + 1, s) numbers, growing with N
+        weights = h[n] * ab
+        return weights[:-1], weights[-1], weights
+    return per_step
 
 
 def time_gradient(host: HostSolver, t: torch.Tensor, y0: torch.Tensor, values: Sequence[torch.Tensor | None],

@@ -30,13 +30,14 @@ import math
 import numbers
 import re
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .checkpointing import OnlineThinning, log_cap
+from .checkpointing import OnlineThinning, min_kept, min_snapshots
 
 __all__ = ["BudgetLedger", "KeptGraph", "MemoryBudget", "SavedBytesMeter", "measure_saved_bytes"]
 
@@ -153,6 +154,19 @@ class KeptGraph:
         self.output = self.leaf = None
 
 
+def _weak_callback(callback: Callable[[int], None]) -> Callable[[int], None]:
+    """``callback``, held weakly if it is a bound method (calling it after its object died does nothing)."""
+    if not hasattr(callback, "__self__"):
+        return callback
+    method = weakref.WeakMethod(callback)
+
+    def call(step: int) -> None:
+        target = method()
+        if target is not None:
+            target(step)
+    return call
+
+
 def _edge(out: torch.Tensor):
     """Where ``out`` enters the graph, without holding its values (torch >= 2.2); the tensor itself before that."""
     get_gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
@@ -176,8 +190,10 @@ class BudgetLedger:
         self.budget = budget
         self.restart_bytes = max(1, restart_bytes)
         self.stage_input_bytes = stage_input_bytes
-        self._evict_inputs = evict_inputs
-        self._on_evict_graphs = evict_graphs
+        # Held weakly when they are methods of the object that owns this ledger: a strong reference would make a
+        # reference cycle, and everything that object keeps (every kept state) would wait for the garbage collector.
+        self._evict_inputs = _weak_callback(evict_inputs)
+        self._on_evict_graphs = _weak_callback(evict_graphs)
         self.state_bytes = 0  # kept states and their restart data
         self.input_bytes = 0
         self.graph_bytes = 0
@@ -210,26 +226,26 @@ class BudgetLedger:
         """How many states may be kept after ``n`` steps: all of them while they fit, then half the budget's worth
         (the other half is for the backward pass's recomputed states), never fewer than ``"min"``'s ``O(log N)``."""
         if self.budget.is_minimal:
-            return log_cap(n)
+            return min_kept(n)
         slots = int(self.budget.bytes // self.restart_bytes)
         if n + 1 <= slots and not self.thinned:
             return slots
-        if slots // 2 < log_cap(n):
+        if slots // 2 < min_kept(n):
             if not self.fell_back_to_min:
                 self.fell_back_to_min = True
                 warnings.warn(f"memory_budget={self.budget.bytes:.0f} bytes is less than the fewest states this solve "
-                              f"can keep ({log_cap(n)} states of {self.restart_bytes} bytes after {n} steps): running "
+                              f"can keep ({min_kept(n)} states of {self.restart_bytes} bytes after {n} steps): running "
                               "at memory_budget='min' instead", RuntimeWarning, stacklevel=2)
-            return log_cap(n)
+            return min_kept(n)
         return slots // 2
 
     def backward_snapshots(self, num_steps: int, num_kept: int) -> int:
         """How many restart points one segment's reversal may hold in the backward pass, its start included."""
         if self.budget.is_minimal or self.fell_back_to_min:
-            return log_cap(num_steps)
+            return min_snapshots(num_steps, num_kept)
         if self.thinning is None:  # every state kept: nothing to recompute
             return 1
-        return max(int(self.budget.bytes // self.restart_bytes) - num_kept, log_cap(num_steps))
+        return max(int(self.budget.bytes // self.restart_bytes) - num_kept, min_snapshots(num_steps, num_kept))
 
     # -- states -------------------------------------------------------------------------------------------
     def admit_state(self, n: int, final: bool = False) -> list[int]:

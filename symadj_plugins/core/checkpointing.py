@@ -12,12 +12,18 @@ Two halves:
 - **Online, in the forward pass** (:class:`OnlineThinning`): an adaptive solver learns ``N`` only at its end, so the
   kept states are decided as steps are accepted. Positions that are multiples of a stride are kept; when more than the
   cap are kept, the stride doubles and every other position is dropped. The cap is a function of the step count:
-  a constant for a byte budget, ``⌈log2(n + 1)⌉`` for ``"min"``, so ``O(log N)`` states.
+  a constant for a byte budget, half of ``⌈log2(n + 1)⌉`` for ``"min"`` (:func:`min_kept`), so ``O(log N)`` states.
 - **Offline, in the backward pass** (:func:`reversed_states`): ``N`` is known. Between two kept states the steps are
   reversed with the binomial (Revolve) schedule of Griewank & Walther, which for ``S`` snapshots reverses ``L`` steps
   with the fewest recomputed steps; the split points come from ``checkpoint_schedules`` (``n_advance``, the Revolve
   step of its ``MultistageCheckpointSchedule``). With ``O(log N)`` snapshots that is ``O(N log N)`` recomputed steps;
   with ``√N`` kept states and ``√N`` snapshots, one step recomputed per step (one extra forward pass).
+
+``"min"`` holds at most ``log_cap(N) + 1`` restart points at once in the backward pass, the kept ones included: the
+kept states stay alive for the whole backward pass (autograd holds what the forward pass saved until ``backward()``
+returns), so a segment's reversal gets what they leave (:func:`min_snapshots`). Keeping about half of them in the
+forward pass costs about one more recomputation per step than keeping none (then the first reversal re-runs the whole
+solve), and about one fewer than keeping them all (then each segment's reversal has few snapshots).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from checkpoint_schedules.multistage import n_advance
 
-__all__ = ["OnlineThinning", "Restart", "log_cap", "reversed_states"]
+__all__ = ["OnlineThinning", "Restart", "log_cap", "min_kept", "min_snapshots", "reversed_states"]
 
 
 @dataclass
@@ -50,8 +56,20 @@ class Restart:
 
 
 def log_cap(n: int) -> int:
-    """The ``"min"`` cap: ``⌈log2(n + 1)⌉`` kept states after ``n`` steps (at least 2)."""
+    """``⌈log2(n + 1)⌉`` (at least 2): about how many restart points ``"min"`` holds at once after ``n`` steps."""
     return max(2, (n + 1).bit_length())
+
+
+def min_kept(n: int) -> int:
+    """The forward pass's share of ``"min"``: how many states it keeps after ``n`` steps (half of ``log_cap(n)``)."""
+    return max(2, -(-log_cap(n) // 2))
+
+
+def min_snapshots(num_steps: int, num_kept: int) -> int:
+    """The backward pass's share of ``"min"``: the snapshots of one segment's reversal, its start included, when the
+    forward pass kept ``num_kept`` states (``y_0`` and ``y_N`` included), so that at most ``log_cap(num_steps) + 1``
+    restart points are alive at once (at least 2 snapshots: with one, the reversal is quadratic)."""
+    return max(2, log_cap(num_steps) + 2 - num_kept)
 
 
 class OnlineThinning:

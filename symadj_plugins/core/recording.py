@@ -202,6 +202,7 @@ class StageKeeper:
         self._in_attempt = False
         if not accepted:
             self._stop_building()
+            self._inputs, self._rng, self._first = [], [], None
             return
         first = self._first
         inputs = ([first.input] if first is not None else []) + self._inputs
@@ -230,7 +231,8 @@ class StageKeeper:
         else:
             self._stop_building()
         self.stage_graphs.append(graphs)
-        self._graphs = []
+        # The attempt's stage inputs are the trajectory's now, or not kept at all: hold none of them past the step.
+        self._graphs, self._inputs, self._rng, self._first = [], [], [], None
 
     def first_same_as_last(self, state: torch.Tensor) -> FirstStage | None:
         """The next step's first stage for a first-same-as-last method, from ``state``: the last accepted step's last
