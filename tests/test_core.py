@@ -498,7 +498,7 @@ def test_autocast_state_captured_off_turns_the_callers_autocast_off():
 
 def _replayed_step(perturbation: float) -> ReplayCheck:
     torch.manual_seed(0)
-    check = ReplayCheck(num_stages=2, num_steps=2, like=torch.zeros(6, dtype=F64))
+    check = ReplayCheck(like=torch.zeros(6, dtype=F64))
     hb = torch.tensor([0.05, 0.05], dtype=F64)
     for n in range(2):
         y0, k = torch.randn(6, dtype=F64), torch.randn(2, 6, dtype=F64)

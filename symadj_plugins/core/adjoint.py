@@ -256,7 +256,7 @@ class _Sweep:
         self.grad_params = [torch.zeros_like(p) for p in self.params]
         self.carry_cotangent: torch.Tensor | None = None  # of the next step's first stage, carried from this one
         self.checked = host.checked_entries
-        self.check = ReplayCheck(s, trajectory.num_steps, y_init.reshape(-1)[self.checked])
+        self.check = ReplayCheck(y_init.reshape(-1)[self.checked])
         self.coefficients = _step_coefficients(host, trajectory, dtype, device)
         # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
         self.hooked = tuple(p for p in self.params if p._backward_hooks)

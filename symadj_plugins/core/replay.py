@@ -509,56 +509,59 @@ class ReplayCheck:
     The forward pass formed the same sum from the same stage values, in its own order of operations, so the
     two agree to a few units of rounding per term: the tolerance is ``64·s·eps·(max|y_n| + Σ |h b_i| max|k_i|)``.
     A larger difference means the field was not the same function in the replay. The sum is accumulated as the stage
-    values come (one state of memory, no stage value held); the figures of every step are kept on the device and read
+    values come (one state of memory, no stage value held), and so is the worst step so far (a few scalars, not a
+    figure per step: the check's memory does not grow with the number of steps); they stay on the device and are read
     once, after the sweep (no host synchronisation per step).
     """
 
-    def __init__(self, num_stages: int, num_steps: int, like: torch.Tensor):
+    def __init__(self, like: torch.Tensor):
         dtype = like.abs().dtype  # the figures are real for a complex state
         device = like.device
-        self.rounding = 64 * num_stages * torch.finfo(dtype).eps
-        self.deviation = torch.zeros(num_steps, dtype=dtype, device=device)
-        # Per step: max|y_n|, max|k_1|, ..., max|k_s| and the weights 1, h b_1, ..., h b_s of the scale (summed
-        # once, after the sweep: the sweep's per-step cost is a handful of operations).
-        self.magnitudes = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
-        self.weights = torch.zeros(num_steps, num_stages + 1, dtype=dtype, device=device)
+        self.rounding = None  # set by begin_step: 64·s·eps, s the step's number of weights
+        self._eps = torch.finfo(dtype).eps
         self._sum = torch.empty_like(like)  # y_n + Σ h b_i k_i of the step under way
+        self._scale = torch.zeros((), dtype=dtype, device=device)  # max|y_n| + Σ |h b_i| max|k_i| of the step
+        self._norm = torch.zeros((), dtype=dtype, device=device)  # max|k_i| of the stage under way
+        # The step whose deviation exceeds its tolerance the most so far: excess, deviation, step index.
+        self._worst = torch.full((), -math.inf, dtype=dtype, device=device)
+        self._worst_deviation = torch.zeros((), dtype=dtype, device=device)
+        self._worst_step = torch.zeros((), dtype=torch.long, device=device)
 
     def begin_step(self, n: int, y0: torch.Tensor, hb: torch.Tensor) -> None:
         """A replayed step starts from ``y0`` (flat); ``hb``: its weights ``h b_i`` (``(s,)``)."""
         if y0.numel() == 0:
             return
+        self.rounding = 64 * len(hb) * self._eps
         self._sum.copy_(y0)
-        torch.linalg.vector_norm(y0, math.inf, out=self.magnitudes[n, 0])
-        self.weights[n, 0] = 1.0
-        torch.abs(hb, out=self.weights[n, 1:])  # a stage not replayed keeps magnitude 0: it adds nothing
+        torch.linalg.vector_norm(y0, math.inf, out=self._scale)
 
     def add_stage(self, n: int, i: int, k: torch.Tensor, hb_i: torch.Tensor) -> None:
         """Stage ``i``'s replayed value ``k`` (flat) and its weight ``h b_i``."""
         if k.numel() == 0:
             return
         self._sum.addcmul_(k, hb_i)
-        torch.linalg.vector_norm(k, math.inf, out=self.magnitudes[n, i + 1])
+        torch.linalg.vector_norm(k, math.inf, out=self._norm)
+        self._scale.addcmul_(self._norm, hb_i.abs())
 
     def end_step(self, n: int, y1: torch.Tensor) -> None:
         """The stored end state ``y1`` (flat) of the step."""
         if y1.numel() == 0:
             return
-        torch.linalg.vector_norm(self._sum.sub_(y1), math.inf, out=self.deviation[n])
+        deviation = torch.linalg.vector_norm(self._sum.sub_(y1), math.inf)
+        excess = deviation - self.rounding * self._scale
+        worse = excess > self._worst
+        self._worst = torch.where(worse, excess, self._worst)
+        self._worst_deviation = torch.where(worse, deviation, self._worst_deviation)
+        self._worst_step = torch.where(worse, n, self._worst_step)
 
     def raise_if_failed(self, suspects: Sequence[str] = ()) -> None:
-        if not len(self.deviation):
-            return
-        scale = (self.magnitudes * self.weights).sum(1)
-        excess = self.deviation - self.rounding * scale
-        worst = int(excess.argmax())
-        if not bool(excess[worst] > 0):
+        if not bool(self._worst > 0):
             return
         hint = f" Buffers updated in place during the solve: {', '.join(suspects)}." if suspects else ""
         raise RuntimeError(
-            f"the backward pass's replay of step {worst} did not reproduce the forward pass (its end state differs by "
-            f"{float(self.deviation[worst]):.3g}, more than rounding): the vector field was not the same function in "
-            "the backward pass, and the gradient would be wrong. Causes: a module that changes its state on every "
-            "call, attributes or parameters changed between the forward pass and backward(), or nondeterministic "
-            f"operations.{hint} Use backprop (torchdiffeq.odeint / sensitivity='autograd') for such a field, or make "
-            "it a pure function of (t, y) and its parameters during the solve.")
+            f"the backward pass's replay of step {int(self._worst_step)} did not reproduce the forward pass (its end "
+            f"state differs by {float(self._worst_deviation):.3g}, more than rounding): the vector field was not the "
+            "same function in the backward pass, and the gradient would be wrong. Causes: a module that changes its "
+            "state on every call, attributes or parameters changed between the forward pass and backward(), or "
+            f"nondeterministic operations.{hint} Use backprop (torchdiffeq.odeint / sensitivity='autograd') for such a "
+            "field, or make it a pure function of (t, y) and its parameters during the solve.")
