@@ -54,7 +54,6 @@ class Restart:
     extra: torch.Tensor | None = None
 
 
-
 def log_cap(n: int) -> int:
     """``⌈log2(n + 1)⌉`` (at least 2): about how many restart points ``"min"`` holds at once after ``n`` steps."""
     return max(2, (n + 1).bit_length())

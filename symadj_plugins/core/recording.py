@@ -202,7 +202,7 @@ class StageKeeper:
         self._in_attempt = False
         if not accepted:
             self._stop_building()
-            self._inputs, self._rng, self._first = [], [], None
+            self._release_attempt()
             return
         first = self._first
         inputs = ([first.input] if first is not None else []) + self._inputs
@@ -231,8 +231,12 @@ class StageKeeper:
         else:
             self._stop_building()
         self.stage_graphs.append(graphs)
-        # The attempt's stage inputs are the trajectory's now, or not kept at all: hold none of them past the step.
-        self._graphs, self._inputs, self._rng, self._first = [], [], [], None
+        self._graphs = []
+        self._release_attempt()
+
+    def _release_attempt(self) -> None:
+        """The attempt's stage inputs are the trajectory's now, or not kept at all: hold none of them past it."""
+        self._inputs, self._rng, self._first = [], [], None
 
     def first_same_as_last(self, state: torch.Tensor) -> FirstStage | None:
         """The next step's first stage for a first-same-as-last method, from ``state``: the last accepted step's last

@@ -532,6 +532,7 @@ class ReplayCheck:
         if y0.numel() == 0:
             return
         self.rounding = 64 * len(hb) * self._eps
+        self._hb_abs = hb.abs()  # once per step, not per stage
         self._sum.copy_(y0)
         torch.linalg.vector_norm(y0, math.inf, out=self._scale)
 
@@ -541,7 +542,7 @@ class ReplayCheck:
             return
         self._sum.addcmul_(k, hb_i)
         torch.linalg.vector_norm(k, math.inf, out=self._norm)
-        self._scale.addcmul_(self._norm, hb_i.abs())
+        self._scale.addcmul_(self._norm, self._hb_abs[i])
 
     def end_step(self, n: int, y1: torch.Tensor) -> None:
         """The stored end state ``y1`` (flat) of the step."""
