@@ -498,7 +498,7 @@ def test_autocast_state_captured_off_turns_the_callers_autocast_off():
 
 def _replayed_step(perturbation: float) -> ReplayCheck:
     torch.manual_seed(0)
-    check = ReplayCheck(like=torch.zeros(6, dtype=F64))
+    check = ReplayCheck(like=torch.zeros(6, dtype=F64), num_stages=2)
     hb = torch.tensor([0.05, 0.05], dtype=F64)
     for n in range(2):
         y0, k = torch.randn(6, dtype=F64), torch.randn(2, 6, dtype=F64)
@@ -507,7 +507,7 @@ def _replayed_step(perturbation: float) -> ReplayCheck:
             y1 = y1 + perturbation
         check.begin_step(n, y0, hb)
         for i in reversed(range(2)):  # the sweep's order
-            check.add_stage(n, i, k[i], hb[i])
+            check.add_stage(i, k[i], hb[i])
         check.end_step(n, y1)
     return check
 

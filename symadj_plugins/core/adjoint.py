@@ -12,7 +12,10 @@ For one accepted step ``n`` (tableau ``(A, b)``, step ``h``) and ``λ_{n+1} = �
     λ_n = λ_{n+1} + Σ_i μ_i (+ cotangent of y_n from dense output)
 
 Only one graph of ``f`` is alive at a time; the stage inputs ``Y_i`` are recomputed without a graph from
-the stored ``y_n``. The step sizes are constants (not differentiated), as in the paper and diffrax.
+the stored ``y_n``. The step sizes are constants (not differentiated), as in the paper and diffrax. Where the memory
+budget planned for one step's ``s`` graphs at once (the default, when the states outweigh them), a step is instead
+replayed with one graph through it and differentiated by autograd's engine: the same adjoint step, to rounding
+(:meth:`_Sweep._reverse_through_step_graph`).
 """
 
 from __future__ import annotations
@@ -252,49 +255,73 @@ class _Sweep:
         self.params = tuple(params)
         self.evaluate = _Evaluator(host, trajectory, replay, y_init.shape)
         self.rows = torch.zeros(s, numel, dtype=dtype, device=device)
-        self.lam = self.rows[s - 1]
+        # Views made once: a sweep takes thousands of steps, and each view made per stage costs as much as a small op.
+        self.row_list = self.rows.unbind(0)
+        self.shaped_rows = [row.view(y_init.shape) for row in self.row_list]
+        self.rows_t = self.rows.T
+        self.lam = self.row_list[s - 1]
         self.grad_params = [torch.zeros_like(p) for p in self.params]
         self.carry_cotangent: torch.Tensor | None = None  # of the next step's first stage, carried from this one
-        self.checked = host.checked_entries
-        self.check = ReplayCheck(y_init.reshape(-1)[self.checked])
+        self.checked = host.checked_entries if host.checked_entries != slice(None) else None
+        self.check = ReplayCheck(self._checked(y_init.reshape(-1)), s)
         self.coefficients = _step_coefficients(host, trajectory, dtype, device)
         # Only parameters with tensor hooks need them suspended; most have none, and the check is per stage otherwise.
         self.hooked = tuple(p for p in self.params if p._backward_hooks)
 
+    def _checked(self, flat: torch.Tensor) -> torch.Tensor:
+        """The entries of a flat state the replay check compares."""
+        return flat if self.checked is None else flat[self.checked]
+
     def reverse_step(self, n: int, restart: Restart, next_state: torch.Tensor) -> None:
         """``λ_{n+1} → λ_n`` over step ``n`` (from ``restart``, to ``next_state`` = ``y_{n+1}``), adding the step's
         parameter gradient into ``grad_params``."""
-        s = self.tableau.num_stages
-        y0 = restart.state.reshape(-1)
-        carried = restart.carried
-        ha, hb, weights = self.coefficients(n)
         calls = self.host.stage_calls(self.trajectory, n)
         extra_kappa, grad_y0_from_outputs = self._outputs_in_step(n, restart.state, next_state)
         plan = self.tableau.backward_plan(tuple(e is not None for e in extra_kappa))
-        inputs = self.trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
-        if inputs is None:
-            inputs = self._recompute_stage_inputs(n, calls, y0, ha, plan, carried)
+        ha, hb, weights = self.coefficients(n)
+        if self.trajectory.rebuild_step_graphs and self.trajectory.inputs_of(n) is None:
+            self._reverse_through_step_graph(n, restart, next_state, calls, plan, extra_kappa, ha, hb)
+        else:
+            self._reverse_stage_by_stage(n, restart, next_state, calls, plan, extra_kappa, ha, hb, weights)
+        if grad_y0_from_outputs is not None:
+            self.lam += grad_y0_from_outputs
+
+    def _reverse_stage_by_stage(self, n: int, restart: Restart, next_state: torch.Tensor,
+                                calls: Sequence[StageCall | None], plan: StagePlan,
+                                extra_kappa: list[torch.Tensor | None], ha: torch.Tensor, hb: torch.Tensor,
+                                weights: torch.Tensor) -> None:
+        """The reverse stage sweep of the module docstring, one graph of ``f`` at a time."""
+        s = self.tableau.num_stages
+        y0 = restart.state.reshape(-1)
+        carried = restart.carried
+        # κ_i = rows.T @ weights[1:, i] over all the rows: the rows up to stage i's own hold stage inputs, and their
+        # weights h·a_ji (j <= i) are zero in an explicit method.
+        columns = weights[1:].T.unbind(0)
+        hb_list = hb.unbind(0)
         graphs = self.trajectory.graphs_of(n)
         # A step keeps all its graphs or none (core.recording): one that evaluates f again is checked.
         replayed = graphs is None or not any(g is not None and g.alive for g in graphs)
         if replayed:
-            self.check.begin_step(n, y0[self.checked], hb)
+            self.check.begin_step(n, self._checked(y0), hb)
+        inputs = self.trajectory.inputs_of(n)  # kept by the forward pass (within the memory budget), or recomputed
+        if inputs is None:
+            inputs = self._recompute_stage_inputs(n, calls, y0, ha, plan, carried)
 
-        # The reverse stage sweep: each stage's row ends holding its μ, or zero; μ_0 goes into λ.
-        rows, lam = self.rows, self.lam
+        # Each stage's row ends holding its μ, or zero; μ_0 goes into λ.
+        lam = self.lam
         self.carry_cotangent = None
         for i in reversed(range(s)):
-            mu = rows[i - 1] if i > 0 else None
+            mu = self.row_list[i - 1] if i > 0 else None
             if not plan.vjp[i]:
                 _write(mu, None)
                 continue
-            kappa = torch.mv(rows[i:].T, weights[i + 1:, i])
+            kappa = torch.mv(self.rows_t, columns[i])
             if extra_kappa[i] is not None:
                 kappa += extra_kappa[i]
             if i == 0 and calls[0] is None:  # carried in from the previous step: its cotangent goes there
                 self.carry_cotangent = kappa
                 if replayed:
-                    self.check.add_stage(n, 0, carried.reshape(-1)[self.checked], hb[0])
+                    self.check.add_stage(0, self._checked(carried.reshape(-1)), hb_list[0])
                 continue
             graph = graphs[i] if graphs is not None else None
             if i == 0 and graph is not None and graph.alive and self._shares_previous_last_stage(n, graph):
@@ -308,17 +335,63 @@ class _Sweep:
             else:
                 grad, value = self._stage_vjp(n, i, calls[i], inputs[i], kappa)
                 if replayed:  # before the row (Y_i, which the value may be a view of) becomes μ_i
-                    self.check.add_stage(n, i, value[self.checked], hb[i])
+                    self.check.add_stage(i, self._checked(value), hb_list[i])
             if mu is not None:
-                _write(mu, grad)
+                _write(mu, self.shaped_rows[i - 1], grad)
             elif grad is not None:
                 lam.view(grad.shape).add_(grad)
         if replayed:
-            self.check.end_step(n, next_state.reshape(-1)[self.checked])
-        for mu in rows[:-1]:  # λ_n = λ_{n+1} + Σ μ_i, in place: no state-sized temporary
+            self.check.end_step(n, self._checked(next_state.reshape(-1)))
+        for mu in self.row_list[:-1]:  # λ_n = λ_{n+1} + Σ μ_i, in place: no state-sized temporary
             lam += mu
-        if grad_y0_from_outputs is not None:
-            lam += grad_y0_from_outputs
+
+    def _reverse_through_step_graph(self, n: int, restart: Restart, next_state: torch.Tensor,
+                                    calls: Sequence[StageCall | None], plan: StagePlan,
+                                    extra_kappa: list[torch.Tensor | None], ha: torch.Tensor,
+                                    hb: torch.Tensor) -> None:
+        """Step ``n`` replayed with one graph through all of it (each stage's evaluation of ``f`` and the stage
+        combinations ``Y_i = y_n + Σ_j h a_ij k_j``, ``y_{n+1} = y_n + Σ_i h b_i k_i``), then differentiated by one call
+        into autograd's engine with the cotangents ``λ_{n+1}`` of ``y_{n+1}`` and ``extra_kappa`` of the stages.
+
+        Reverse-mode differentiation of an explicit Runge–Kutta step is the adjoint step of the module docstring (the
+        symplectic partitioned one; Sanz-Serna 2016): the same ``λ_n`` and ``∂L/∂θ``, to rounding, with the engine doing
+        in C++ what the stage-by-stage sweep does in Python, one engine call per step instead of ``s``. All the step's
+        ``s`` graphs are alive until that call: the memory budget planned for them (``BudgetLedger.rebuild_bytes``)."""
+        s, a, b = self.tableau.num_stages, self.tableau.a, self.tableau.b
+        shape, check = self.evaluate.shape, self.check
+        check.begin_step(n, self._checked(restart.state.reshape(-1)), hb)
+        stages: list[torch.Tensor | None] = [None] * s
+        carried = None
+        with torch.enable_grad():
+            y = restart.state.detach().reshape(shape).requires_grad_(True)
+            for i in range(s):
+                if not plan.vjp[i]:  # nothing reads it
+                    continue
+                if i == 0 and calls[0] is None:  # carried in from the previous step: its cotangent goes there
+                    carried = restart.carried.detach().reshape(shape).requires_grad_(True)
+                    k = carried
+                else:
+                    y_i = y
+                    for j in range(i):
+                        if a[i][j] != 0.0:
+                            y_i = torch.addcmul(y_i, stages[j], ha[i, j])
+                    k = self.evaluate(n, i, calls[i], y_i)
+                check.note_stage(i, self._checked(k.detach().reshape(-1)))
+                stages[i] = k
+            y1 = y
+            for i in range(s):
+                if b[i] != 0.0:
+                    y1 = torch.addcmul(y1, stages[i], hb[i])
+        outputs, cotangents = [y1], [self.lam.view(shape)]
+        for k, extra in zip(stages, extra_kappa):
+            if extra is not None and k is not None and k.requires_grad:
+                outputs.append(k)
+                cotangents.append(extra.view(shape))
+        del stages, k  # the graph holds what it needs
+        grads = self._vjp_of(tuple(outputs), tuple(cotangents), (y,) if carried is None else (y, carried))
+        self.lam.view(shape).copy_(grads[0])  # y_{n+1} = y_n + ...: never None
+        self.carry_cotangent = None if carried is None or grads[1] is None else grads[1].reshape(-1)
+        check.end_step(n, self._checked(next_state.reshape(-1)), replayed=self._checked(y1.detach().reshape(-1)))
 
     def _shares_previous_last_stage(self, n: int, graph: KeptGraph) -> bool:
         previous = self.trajectory.graphs_of(n - 1) if n > 0 else None
@@ -374,29 +447,31 @@ class _Sweep:
         value = out.detach().reshape(-1)
         if not out.requires_grad:  # f ignores both y and θ
             return None, value
-        return self._vjp_of((out,), (cotangent.view(shape),), y), value
+        return self._vjp_of((out,), (cotangent.view(shape),), (y,))[0], value
 
     def _graph_vjp(self, graph: KeptGraph, cotangent: torch.Tensor) -> torch.Tensor | None:
         """``μ = κᵀ ∂f/∂y`` (shaped like the state, ``None`` for zero) on the graph the forward pass kept (no evaluation
         of ``f``); adds ``κᵀ ∂f/∂θ`` into ``grad_params``. The graph is freed after its last use."""
         graph.uses -= 1
-        mu = self._vjp_of((graph.output,), (cotangent.view(graph.shape),), graph.leaf, retain_graph=graph.uses > 0)
+        (mu,) = self._vjp_of((graph.output,), (cotangent.view(graph.shape),), (graph.leaf,),
+                             retain_graph=graph.uses > 0)
         if graph.uses <= 0:
             graph.drop()
         return mu
 
-    def _vjp_of(self, outputs: tuple, cotangents: tuple[torch.Tensor, ...], y: torch.Tensor,
-                retain_graph: bool = False) -> torch.Tensor | None:
-        """The gradient w.r.t. ``y`` of ``outputs · cotangents`` (shaped like ``y``; ``None`` for zero), written nowhere
-        yet: copied into its row, it needs no flat copy of its own; its gradient w.r.t. the parameters is added into
-        ``grad_params`` (with the parameters' own hooks suspended: they run once, on the total)."""
+    def _vjp_of(self, outputs: tuple, cotangents: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...],
+                retain_graph: bool = False) -> tuple[torch.Tensor | None, ...]:
+        """The gradients w.r.t. ``inputs`` of ``outputs · cotangents`` (each shaped like its input; ``None`` for zero),
+        written nowhere yet: copied into its row, a gradient needs no flat copy of its own; the gradient w.r.t. the
+        parameters is added into ``grad_params`` (with the parameters' own hooks suspended: they run once, on the
+        total)."""
         if self.hooked:
             with hooks_suspended(self.hooked):
-                grads = vjp(outputs, cotangents, (y, *self.params), retain_graph=retain_graph)
+                grads = vjp(outputs, cotangents, (*inputs, *self.params), retain_graph=retain_graph)
         else:
-            grads = vjp(outputs, cotangents, (y, *self.params), retain_graph=retain_graph)
-        _accumulate(self.grad_params, grads[1:])
-        return grads[0]
+            grads = vjp(outputs, cotangents, (*inputs, *self.params), retain_graph=retain_graph)
+        _accumulate(self.grad_params, grads[len(inputs):])
+        return grads[:len(inputs)]
 
     def _dense_output_vjp(self, n: int, y0: torch.Tensor, y1: torch.Tensor, t_out: torch.Tensor,
                           cotangents: torch.Tensor):
@@ -424,12 +499,16 @@ class _Sweep:
         return g_y0.reshape(-1), g_y1.reshape(-1), g_k
 
 
-def _write(row: torch.Tensor | None, grad: torch.Tensor | None) -> None:
-    """``row`` (flat) ``= grad`` (any shape of as many elements; ``None``: zero); nothing when ``row`` is ``None``."""
+def _write(row: torch.Tensor | None, shaped_row: torch.Tensor | None = None,
+           grad: torch.Tensor | None = None) -> None:
+    """``row`` (flat) ``= grad`` (any shape of as many elements; ``None``: zero); nothing when ``row`` is ``None``.
+    ``shaped_row``: a view of ``row`` shaped like the state, used when ``grad`` has that shape."""
     if row is None:
         return
     if grad is None:
         row.zero_()
+    elif shaped_row is not None and grad.shape == shaped_row.shape:
+        shaped_row.copy_(grad)
     else:
         row.view(grad.shape).copy_(grad)
 

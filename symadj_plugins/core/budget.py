@@ -20,6 +20,10 @@ stage inputs, then its graphs, if they fit in what is left. A rejected attempt f
 the kept states and restart data, the stage inputs, and for a kept graph the bytes autograd saves for it (measured with
 saved-tensor hooks; each storage once, parameters and the stage input excluded). Not counted: the solution returned to
 the caller, the parameters, the backward pass's working buffers (a few states) and the one graph it builds at a time.
+
+The default, ``"auto"``, may instead spend its bound in the backward pass: once the states outweigh ``s - 2`` graphs of
+``f``, it keeps nothing but the states and the backward pass holds one step's ``s`` graphs at once
+(:attr:`BudgetLedger.rebuild_bytes`), which makes every step as fast as one with kept stage inputs.
 """
 
 from __future__ import annotations
@@ -186,10 +190,11 @@ class BudgetLedger:
 
     def __init__(self, budget: MemoryBudget, restart_bytes: int, stage_input_bytes: int,
                  evict_inputs: Callable[[int], None] = lambda step: None,
-                 evict_graphs: Callable[[int], None] = lambda step: None):
+                 evict_graphs: Callable[[int], None] = lambda step: None, num_stages: int = 1):
         self.budget = budget
         self.restart_bytes = max(1, restart_bytes)
         self.stage_input_bytes = stage_input_bytes
+        self.num_stages = num_stages
         # Held weakly when they are methods of the object that owns this ledger: a strong reference would make a
         # reference cycle, and everything that object keeps (every kept state) would wait for the garbage collector.
         self._evict_inputs = _weak_callback(evict_inputs)
@@ -204,6 +209,9 @@ class BudgetLedger:
         self.eval_graph_bytes: int | None = None  # the measured cost of one evaluation's graph
         self.thinning = None if budget.keeps_every_state else OnlineThinning(self._state_cap)
         self.fell_back_to_min = False
+        # "auto" once the states alone leave room for it: the backward pass rebuilds each step's stage graphs at once
+        # from y_n (see :meth:`rebuild_bytes`), and the forward pass keeps nothing but the states.
+        self.rebuilds = False
 
     @property
     def spent(self) -> int:
@@ -216,6 +224,18 @@ class BudgetLedger:
         if self.budget.level == "auto":
             return 2 * self.states_seen * self.restart_bytes + (self.eval_graph_bytes or 0)
         return self.budget.bytes
+
+    @property
+    def rebuild_bytes(self) -> int | None:
+        """What the backward pass holds beyond ``"trajectory"``'s when it rebuilds a step's stage graphs at once:
+        ``s - 1`` more graphs of ``f`` and their stage inputs (``None`` until one evaluation's graph is measured).
+
+        A step's backward pass then evaluates each stage once with grad and takes its vector–Jacobian product, the same
+        work as from kept stage inputs, without keeping them: ``(s - 1)(L + |y|)`` bytes once instead of
+        ``(s - 1)·|y|`` per step."""
+        if self.eval_graph_bytes is None:
+            return None
+        return (self.num_stages - 1) * self.eval_graph_bytes + self.stage_input_bytes
 
     @property
     def thinned(self) -> bool:
@@ -254,7 +274,11 @@ class BudgetLedger:
         self.states_seen += 1
         dropped = [] if self.thinning is None or final else self.thinning.admit(n)
         self.state_bytes += self.restart_bytes * (1 - len(dropped))
-        if self.thinned:  # below one state per step: nothing else is kept
+        if self.budget.level == "auto" and not self.rebuilds and self.rebuild_bytes is not None:
+            # Within the bound (limit - rebuild_bytes >= the states) once the states outweigh s - 2 graphs: from then
+            # on the stage inputs buy no time, and the bound is spent on the backward pass's graphs instead.
+            self.rebuilds = self.state_bytes + self.rebuild_bytes <= self.limit
+        if self.thinned or self.rebuilds:  # below one state per step, or rebuilding: nothing else is kept
             self._evict_all()
         while self.spent > self.limit and (self._graph_steps or self._input_steps):
             self._evict_oldest()
@@ -264,7 +288,7 @@ class BudgetLedger:
     def may_build_graphs(self) -> bool:
         """Before an attempt: whether to evaluate its stages with graphs (if the last step's graphs and this step's
         stage inputs would fit; a first attempt measures)."""
-        if not self.budget.graphs or self.thinned:
+        if not self.budget.graphs or self.thinned or self.rebuilds:
             return False
         estimate = self.step_graph_bytes or 0
         return self.spent + self.stage_input_bytes + estimate <= self.limit
@@ -275,7 +299,7 @@ class BudgetLedger:
 
     def keep_stage_inputs(self, step: int) -> bool:
         """At an accepted step: reserve its stage inputs, evicting earlier steps' graphs if needed."""
-        if not self.budget.stage_inputs or self.thinned:
+        if not self.budget.stage_inputs or self.thinned or self.rebuilds:
             return False
         while self.spent + self.stage_input_bytes > self.limit and self._graph_steps:
             self._evict_graphs(self._graph_steps.popleft())

@@ -66,7 +66,7 @@ class StageKeeper:
         self.randomness = RandomnessWatch(state.device)
         state_bytes = state.numel() * state.element_size()
         self.ledger = BudgetLedger(budget, restart_states * state_bytes, (num_stages - 1) * state_bytes,
-                                   self._evict_inputs, self._evict_graphs)
+                                   self._evict_inputs, self._evict_graphs, num_stages)
         self.states: list[torch.Tensor | None] = []
         self.carried: list[torch.Tensor | None] = []
         self.extra: list[torch.Tensor | None] = []
@@ -108,6 +108,11 @@ class StageKeeper:
         extra = self.extra[:num_steps] if any(e is not None for e in self.extra[:num_steps]) else None
         num_kept = sum(state is not None for state in self.states)
         return self.states, self.carried[:num_steps], extra, self.ledger.backward_snapshots(num_steps, num_kept)
+
+    @property
+    def rebuilds_step_graphs(self) -> bool:
+        """Whether the backward pass may rebuild each step's stage graphs at once (see ``Trajectory``)."""
+        return self.ledger.rebuilds
 
     def _evict_inputs(self, step: int) -> None:
         self.stage_inputs[step] = None

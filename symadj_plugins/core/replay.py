@@ -514,14 +514,16 @@ class ReplayCheck:
     once, after the sweep (no host synchronisation per step).
     """
 
-    def __init__(self, like: torch.Tensor):
+    def __init__(self, like: torch.Tensor, num_stages: int):
         dtype = like.abs().dtype  # the figures are real for a complex state
         device = like.device
-        self.rounding = None  # set by begin_step: 64·s·eps, s the step's number of weights
-        self._eps = torch.finfo(dtype).eps
+        self._empty = like.numel() == 0  # nothing to compare
+        self.rounding = 64 * num_stages * torch.finfo(dtype).eps
         self._sum = torch.empty_like(like)  # y_n + Σ h b_i k_i of the step under way
-        self._scale = torch.zeros((), dtype=dtype, device=device)  # max|y_n| + Σ |h b_i| max|k_i| of the step
-        self._norm = torch.zeros((), dtype=dtype, device=device)  # max|k_i| of the stage under way
+        self._scale = torch.zeros((), dtype=dtype, device=device)  # max|y_n| of the step under way
+        self._norms = torch.zeros(num_stages, dtype=dtype, device=device)  # max|k_i| of its stages (0: not replayed)
+        self._norm_slots = self._norms.unbind(0)
+        self._hb_abs = self._norms  # |h b_i| of the step under way, set by begin_step
         # The step whose deviation exceeds its tolerance the most so far: excess, deviation, step index.
         self._worst = torch.full((), -math.inf, dtype=dtype, device=device)
         self._worst_deviation = torch.zeros((), dtype=dtype, device=device)
@@ -529,27 +531,35 @@ class ReplayCheck:
 
     def begin_step(self, n: int, y0: torch.Tensor, hb: torch.Tensor) -> None:
         """A replayed step starts from ``y0`` (flat); ``hb``: its weights ``h b_i`` (``(s,)``)."""
-        if y0.numel() == 0:
+        if self._empty:
             return
-        self.rounding = 64 * len(hb) * self._eps
         self._hb_abs = hb.abs()  # once per step, not per stage
         self._sum.copy_(y0)
+        self._norms.zero_()
         torch.linalg.vector_norm(y0, math.inf, out=self._scale)
 
-    def add_stage(self, n: int, i: int, k: torch.Tensor, hb_i: torch.Tensor) -> None:
+    def add_stage(self, i: int, k: torch.Tensor, hb_i: torch.Tensor) -> None:
         """Stage ``i``'s replayed value ``k`` (flat) and its weight ``h b_i``."""
-        if k.numel() == 0:
+        if self._empty:
             return
         self._sum.addcmul_(k, hb_i)
-        torch.linalg.vector_norm(k, math.inf, out=self._norm)
-        self._scale.addcmul_(self._norm, self._hb_abs[i])
+        self.note_stage(i, k)
 
-    def end_step(self, n: int, y1: torch.Tensor) -> None:
-        """The stored end state ``y1`` (flat) of the step."""
-        if y1.numel() == 0:
+    def note_stage(self, i: int, k: torch.Tensor) -> None:
+        """Stage ``i``'s replayed value ``k`` (flat), for the tolerance only: the caller forms the end state itself
+        (:meth:`end_step`'s ``replayed``)."""
+        if self._empty:
             return
-        deviation = torch.linalg.vector_norm(self._sum.sub_(y1), math.inf)
-        excess = deviation - self.rounding * self._scale
+        torch.linalg.vector_norm(k, math.inf, out=self._norm_slots[i])
+
+    def end_step(self, n: int, y1: torch.Tensor, replayed: torch.Tensor | None = None) -> None:
+        """The stored end state ``y1`` (flat) of the step; ``replayed``: the replay's own ``y_n + Σ h b_i k_i`` (flat,
+        overwritten), when the caller formed it instead of :meth:`add_stage`."""
+        if self._empty:
+            return
+        replayed = self._sum if replayed is None else replayed
+        deviation = torch.linalg.vector_norm(replayed.sub_(y1), math.inf)
+        excess = deviation - self.rounding * (self._scale + torch.dot(self._hb_abs, self._norms))
         worse = excess > self._worst
         self._worst = torch.where(worse, excess, self._worst)
         self._worst_deviation = torch.where(worse, deviation, self._worst_deviation)

@@ -60,6 +60,9 @@ class Trajectory:
             (``Restart.extra``: torchdyn's ``k1``), ``None`` where not kept.
         snapshots: how many restart points the backward pass may hold while it reverses the steps between two kept
             states (``core.checkpointing.reversed_states``).
+        rebuild_step_graphs: whether the backward pass may hold a step's stage graphs at once: for a step that kept
+            no stage inputs it then replays the step with a graph at each stage, instead of replaying it without graphs
+            and evaluating each stage again with one (the memory budget planned for it: ``core.budget``).
     """
 
     states: list[torch.Tensor]
@@ -73,6 +76,7 @@ class Trajectory:
     stage_rng: list[list[RngState | None]] | None = None
     restart_extra: list[torch.Tensor | None] | None = None
     snapshots: int = 1
+    rebuild_step_graphs: bool = False
     stage_graphs: list[list[KeptGraph | None] | None] | None = field(default=None, metadata={"packed": False})
 
     @property

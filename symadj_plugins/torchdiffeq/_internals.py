@@ -63,7 +63,9 @@ def perturbed_time(t: torch.Tensor, y: torch.Tensor, perturb: Perturb) -> torch.
     read."""
     if t.is_complex():
         t = t.real
-    t = t.to(_REAL_DTYPES.get(y.dtype, y.dtype))
+    dtype = _REAL_DTYPES.get(y.dtype, y.dtype)
+    if t.dtype != dtype:
+        t = t.to(dtype)
     if perturb is Perturb.NEXT:
         return torch.nextafter(t, t + 1)
     if perturb is Perturb.PREV:

@@ -101,7 +101,8 @@ class _TorchdiffeqHost(HostSolver):
         self._check_stages(keeper, len(states) - 1)
         host_data = _TorchdiffeqSteps(recorder.starts, self._stage_times(t0, t1, dt, y0))
         trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs=stage_inputs,
-                                stage_graphs=stage_graphs, stage_rng=stage_rng, snapshots=snapshots)
+                                stage_graphs=stage_graphs, stage_rng=stage_rng, snapshots=snapshots,
+                                rebuild_step_graphs=keeper.rebuilds_step_graphs)
         return solution, trajectory
 
     def _integrate(self, solver: Any, recorder: _TorchdiffeqStepRecorder, t: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ class _TorchdiffeqHost(HostSolver):
 
     # -- backward -----------------------------------------------------------------------------------------
     def stage_calls(self, trajectory: Trajectory, n: int) -> list[StageCall | None]:
-        times = trajectory.host_data.stage_times[n]
+        times = trajectory.host_data.stage_times[n].unbind(0)  # one op, not one per stage
         if not self.adaptive:
             flags = fixed_grid_perturb_flags(self.fixed_rule, bool(self.solver.perturb))
             return [StageCall(times[i], (("perturb", flag),)) for i, flag in enumerate(flags)]

@@ -94,7 +94,7 @@ class _TorchdynHost(HostSolver):
                             for inputs in stage_inputs]
         trajectory = Trajectory(states, t0, t1, dt, carried, outputs_in_step, host_data, stage_inputs=stage_inputs,
                                 stage_graphs=stage_graphs, stage_rng=stage_rng, restart_extra=extra,
-                                snapshots=snapshots)
+                                snapshots=snapshots, rebuild_step_graphs=recorder.keeper.rebuilds_step_graphs)
         return solution, trajectory
 
     def _record(self, x: torch.Tensor, t_span: torch.Tensor) -> tuple[_TorchdynStepRecorder, torch.Tensor]:
