@@ -230,9 +230,8 @@ class BudgetLedger:
         """What the backward pass holds beyond ``"trajectory"``'s when it rebuilds a step's stage graphs at once:
         ``s - 1`` more graphs of ``f`` and their stage inputs (``None`` until one evaluation's graph is measured).
 
-        A step's backward pass then evaluates each stage once with grad and takes its vector–Jacobian product, the same
-        work as from kept stage inputs, without keeping them: ``(s - 1)(L + |y|)`` bytes once instead of
-        ``(s - 1)·|y|`` per step."""
+        A step's backward pass then evaluates each stage once with grad and differentiates them, the same work as from
+        kept stage inputs, without keeping them: ``(s - 1)(L + |y|)`` bytes once instead of ``(s - 1)·|y|`` per step."""
         if self.eval_graph_bytes is None:
             return None
         return (self.num_stages - 1) * self.eval_graph_bytes + self.stage_input_bytes
