@@ -359,7 +359,7 @@ class _Sweep:
         ``s`` graphs are alive until that call: the memory budget planned for them (``BudgetLedger.rebuild_bytes``)."""
         s, a, b = self.tableau.num_stages, self.tableau.a, self.tableau.b
         shape, check = self.evaluate.shape, self.check
-        check.begin_step(n, self._checked(restart.state.reshape(-1)), hb)
+        check.begin_step(n, self._checked(restart.state.reshape(-1)), hb, sums=False)  # y_{n+1} is formed below
         stages: list[torch.Tensor | None] = [None] * s
         carried = None
         with torch.enable_grad():
@@ -387,7 +387,7 @@ class _Sweep:
             if extra is not None and k is not None and k.requires_grad:
                 outputs.append(k)
                 cotangents.append(extra.view(shape))
-        del stages, k  # the graph holds what it needs
+        stages = k = None  # the graph holds what it needs
         grads = self._vjp_of(tuple(outputs), tuple(cotangents), (y,) if carried is None else (y, carried))
         self.lam.view(shape).copy_(grads[0])  # y_{n+1} = y_n + ...: never None
         self.carry_cotangent = None if carried is None or grads[1] is None else grads[1].reshape(-1)

@@ -529,12 +529,14 @@ class ReplayCheck:
         self._worst_deviation = torch.zeros((), dtype=dtype, device=device)
         self._worst_step = torch.zeros((), dtype=torch.long, device=device)
 
-    def begin_step(self, n: int, y0: torch.Tensor, hb: torch.Tensor) -> None:
-        """A replayed step starts from ``y0`` (flat); ``hb``: its weights ``h b_i`` (``(s,)``)."""
+    def begin_step(self, n: int, y0: torch.Tensor, hb: torch.Tensor, sums: bool = True) -> None:
+        """A replayed step starts from ``y0`` (flat); ``hb``: its weights ``h b_i`` (``(s,)``). ``sums=False``: the
+        caller forms the step's end state itself (:meth:`end_step`'s ``replayed``), so no sum is started."""
         if self._empty:
             return
         self._hb_abs = hb.abs()  # once per step, not per stage
-        self._sum.copy_(y0)
+        if sums:
+            self._sum.copy_(y0)
         self._norms.zero_()
         torch.linalg.vector_norm(y0, math.inf, out=self._scale)
 
